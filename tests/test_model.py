@@ -1,0 +1,104 @@
+import inspect
+import json
+
+import pytest
+import torch
+
+import unicom
+from unicom import model as model_module
+from unicom.model import ViTConfig
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("name", ["ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336px"])
+def test_state_dict_matches_published_manifest(name, fixtures_dir):
+    manifest = json.loads((fixtures_dir / "reference_state_dict_manifest.json").read_text())[name]
+    with torch.device("meta"):
+        model = unicom.create_model(name)
+    keys_shapes = [[k, list(v.shape)] for k, v in model.state_dict().items()]
+    assert keys_shapes == manifest["state_dict"]
+    assert sum(p.numel() for p in model.parameters()) == manifest["num_params"]
+
+
+def test_available_models_in_release_order():
+    assert unicom.available_models() == ["ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336px"]
+
+
+@pytest.fixture(scope="module")
+def tiny(fixtures_dir):
+    io = torch.load(fixtures_dir / "tiny_reference_io.pt", weights_only=True)
+    state_dict = torch.load(fixtures_dir / "tiny_reference_fp16.pt", weights_only=True)
+    model = unicom.VisionTransformer(**io["config"]).eval()
+    model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
+    return model, io
+
+
+def test_tiny_reference_parity_float32(tiny):
+    model, io = tiny
+    with torch.no_grad():
+        x = io["input"].float()
+        assert rel(model(x), io["embedding"]) < 1e-5
+        assert rel(model.forward_features(x), io["forward_features"]) < 1e-5
+
+
+def test_tiny_reference_parity_float64(tiny):
+    model, io = tiny
+    model64 = unicom.VisionTransformer(**io["config"]).eval().double()
+    model64.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert rel(model64(io["input"]), io["embedding"]) < 1e-9
+
+
+def test_modules_have_no_device_or_precision_logic():
+    source = inspect.getsource(model_module)
+    for forbidden in ("autocast", ".cuda(", ".half(", "device="):
+        assert forbidden not in source
+
+
+def test_wrong_input_size_is_a_clear_error(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="expected images of 64x64"):
+        model(torch.zeros(1, 3, 32, 32))
+
+
+def test_gradient_checkpointing_gives_same_output_and_grads(tiny):
+    model, io = tiny
+    x = io["input"][:2].float()
+    results = []
+    for enable in (False, True):
+        m = unicom.VisionTransformer(**io["config"])
+        m.load_state_dict(model.state_dict())
+        m.train().set_grad_checkpointing(enable)
+        out = m(x)
+        out.square().sum().backward()
+        results.append((out.detach(), m.patch_embed.proj.weight.grad.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+
+
+def test_drop_path_rises_linearly_and_only_in_training():
+    m = unicom.VisionTransformer(input_size=32, patch_size=16, dim=64, embedding_size=16, depth=3, num_heads=1,
+                                 drop_path_rate=0.5)
+    assert [b.drop_path.p for b in m.blocks] == [0.0, 0.25, 0.5]
+    m.eval()
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(m(x), m(x))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        ViTConfig(input_size=100, patch_size=32)
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        ViTConfig(dim=100, num_heads=12)
+
+
+def test_create_model_overrides_and_unknown_name():
+    with torch.device("meta"):
+        m = unicom.create_model("ViT-B/32", drop_path_rate=0.1)
+    assert m.blocks[-1].drop_path.p == pytest.approx(0.1)
+    with pytest.raises(ValueError) as e:
+        unicom.create_model("ViT-B/33")
+    assert "ViT-B/32" in str(e.value) and "Did you mean 'ViT-B/32'" in str(e.value)

@@ -1,0 +1,155 @@
+"""Safe checkpoint loading and saving.
+
+Files are read with ``weights_only=True`` (or as ``.safetensors``) so a tampered file
+cannot run code; a file that needs pickled code is refused and never retried unsafely.
+A published checkpoint (a bare state dict) gets its architecture from the tensor shapes;
+a checkpoint written by :func:`save_model` records its config and loads exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .model import ViTConfig, VisionTransformer
+
+__all__ = ["CheckpointError", "read_checkpoint", "config_from_state_dict", "save_model", "atomic_save"]
+
+_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
+_CONTAINER_KEYS = ("state_dict", "model")  # where training checkpoints keep the weights
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read safely or does not describe a UNICOM model."""
+
+
+def _strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix) :], True
+        out[key] = value
+    return out
+
+
+def _read_file(path: Path) -> tuple[Any, dict[str, str]]:
+    """The raw object in ``path`` and any safetensors metadata."""
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path} is not a valid .safetensors file ({e}); delete it and fetch it again") from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True), {}
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"Refusing to load {path}: it contains pickled Python objects beyond tensors, which could run "
+            "arbitrary code. Only plain tensor checkpoints (a state dict) or .safetensors files are accepted. "
+            f"If you trust the file, re-save its state dict with torch.save(model.state_dict(), ...). ({e})"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {e}. "
+            "Delete it and download or save it again."
+        ) from e
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ViTConfig | None]:
+    """The model state dict in ``path`` (prefixes stripped) and its recorded config, if any."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint file at {path}")
+    obj, metadata = _read_file(path)
+    config = None
+    if "unicom_config" in metadata:
+        config = ViTConfig(**json.loads(metadata["unicom_config"]))
+    if isinstance(obj, dict) and isinstance(obj.get("config"), dict):
+        config = ViTConfig(**obj["config"])
+    if isinstance(obj, dict):
+        for key in _CONTAINER_KEYS:
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return _strip_prefixes(obj), config
+
+
+def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> ViTConfig:
+    """Read the architecture off the tensor shapes of a published-format state dict.
+
+    The number of heads is not visible in the weights; UNICOM uses 64 dimensions per head.
+    """
+    try:
+        dim, in_channels, patch_size, _ = state_dict["patch_embed.proj.weight"].shape
+        num_patches = state_dict["pos_embed"].shape[1]
+        hidden = state_dict["blocks.0.mlp.fc1.weight"].shape[0]
+        embedding_size = state_dict["feature.2.weight"].shape[0]
+    except KeyError as e:
+        raise CheckpointError(f"not a UNICOM VisionTransformer state dict: missing {e.args[0]!r}") from None
+    grid = round(num_patches**0.5)
+    if grid * grid != num_patches:
+        raise CheckpointError(f"pos_embed has {num_patches} tokens, not a square grid")
+    depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
+    return ViTConfig(
+        input_size=grid * patch_size,
+        patch_size=patch_size,
+        in_channels=in_channels,
+        dim=dim,
+        embedding_size=embedding_size,
+        depth=depth,
+        num_heads=max(dim // 64, 1),
+        mlp_ratio=hidden / dim,
+    )
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_model(model: VisionTransformer, path: str | os.PathLike) -> None:
+    """Save weights and config so that ``unicom.load(path)`` rebuilds the model exactly.
+
+    A ``.safetensors`` suffix writes safetensors (config in its metadata); anything
+    else writes a ``torch.save`` file holding ``{"config": ..., "state_dict": ...}``.
+    """
+    model = getattr(model, "module", model)  # DDP
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    config = model.config.to_dict()
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(state_dict, str(tmp), metadata={"unicom_config": json.dumps(config)})
+        os.replace(tmp, path)
+    else:
+        atomic_save({"config": config, "state_dict": state_dict}, path)

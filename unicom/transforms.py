@@ -1,0 +1,96 @@
+"""The published image transforms.
+
+The eval transform matches the published one pixel for pixel on RGB and grayscale
+images. Other modes are first brought to 8-bit RGB properly: 16-bit images are
+scaled (not clipped), palette images keep their colours, CMYK is converted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+from torchvision import transforms as T
+
+__all__ = ["MEAN", "STD", "to_rgb", "ToRGB", "eval_transform", "train_transform", "test_transform"]
+
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB. 16-bit and 32-bit integer images are scaled to 0-255."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16"):
+            full_scale = 65535.0
+        elif image.mode == "I":
+            full_scale = 65535.0 if array.max(initial=0) > 255 else 255.0
+        else:  # float images: assume [0, 1] unless the values say otherwise
+            full_scale = 1.0 if array.max(initial=0) <= 1.0 else float(array.max())
+        array = np.clip(np.rint(array * (255.0 / full_scale)), 0, 255).astype(np.uint8)
+        return Image.fromarray(array, mode="L").convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA")  # palette (with optional transparency) -> real colours
+    return image.convert("RGB")
+
+
+class ToRGB:
+    """Transform wrapper around :func:`to_rgb` (picklable for DataLoader workers)."""
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return to_rgb(image)
+
+    def __repr__(self) -> str:
+        return "ToRGB()"
+
+
+def eval_transform(n_px: int) -> T.Compose:
+    """Resize the shorter side to ``n_px`` (bicubic), center-crop, RGB, tensor, CLIP normalisation."""
+    return T.Compose(
+        [
+            ToRGB(),
+            T.Resize(n_px, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(n_px),
+            T.ToTensor(),
+            T.Normalize(MEAN, STD),
+        ]
+    )
+
+
+def test_transform(n_px: int) -> T.Compose:
+    """The ``timm`` fine-tuning choice at test time: resize to n_px/0.875 for n_px <= 224."""
+    resize = int(n_px / 0.875) if n_px <= 224 else n_px
+    return T.Compose(
+        [
+            ToRGB(),
+            T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(n_px),
+            T.ToTensor(),
+            T.Normalize(MEAN, STD),
+        ]
+    )
+
+
+def train_transform(n_px: int, kind: str = "origin_clip"):
+    """Fine-tuning transform: ``origin_clip`` (the eval transform) or ``timm`` (RandAugment etc.)."""
+    if kind == "origin_clip":
+        return eval_transform(n_px)
+    if kind == "timm":
+        from timm.data import create_transform
+
+        augment = create_transform(
+            input_size=n_px,
+            is_training=True,
+            color_jitter=0.4,
+            auto_augment="rand-m9-mstd0.5-inc1",
+            interpolation="bicubic",
+            re_prob=0.25,
+            re_mode="pixel",
+            re_count=1,
+            mean=MEAN,
+            std=STD,
+        )
+        return T.Compose([ToRGB(), augment])
+    raise ValueError(f"Unknown transform {kind!r}: expected 'origin_clip' or 'timm'")
