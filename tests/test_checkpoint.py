@@ -1,0 +1,161 @@
+"""Loading local checkpoints with unicom.load: formats, safety, errors."""
+
+import pickle
+import zipfile
+
+import pytest
+import torch
+
+import unicom
+from unicom.checkpoint import CheckpointError, config_from_state_dict, read_checkpoint, save_model
+
+SMALL = dict(input_size=32, patch_size=16, dim=128, embedding_size=24, depth=2, num_heads=2)
+
+
+def small_model(**overrides) -> unicom.VisionTransformer:
+    torch.manual_seed(0)
+    model = unicom.VisionTransformer(**{**SMALL, **overrides})
+    for bn in (model.feature[1], model.feature[3]):  # non-trivial running statistics
+        bn.running_mean.uniform_(-0.1, 0.1)
+        bn.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def embed(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+@pytest.fixture
+def x():
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def test_published_format_fp16_state_dict_gets_config_from_shapes(tmp_path, x):
+    model = small_model()
+    path = tmp_path / "FP16-small.pt"
+    torch.save({k: v.half() for k, v in model.state_dict().items()}, path)
+    loaded, transform = unicom.load(path, device="cpu")
+    assert loaded.config == model.config  # heads = 128 / 64 = 2
+    assert not loaded.training
+    assert next(loaded.parameters()).dtype == torch.float32
+    reference = small_model()
+    reference.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
+    torch.testing.assert_close(embed(loaded, x), embed(reference.eval(), x))
+    assert transform.transforms[1].size == 32
+
+
+def test_config_from_state_dict_for_every_published_model():
+    for name in unicom.available_models():
+        with torch.device("meta"):
+            model = unicom.create_model(name)
+        assert config_from_state_dict(model.state_dict()) == model.config
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_save_model_records_config_and_roundtrips(tmp_path, x, suffix):
+    # 4 heads of 32 dims: only the recorded config can say so, the shapes would give 2.
+    model = small_model(num_heads=4, mlp_ratio=2.0)
+    path = tmp_path / f"model{suffix}"
+    save_model(model, path)
+    loaded, _ = unicom.load(str(path), device="cpu")
+    assert loaded.config == model.config
+    torch.testing.assert_close(embed(loaded, x), embed(model, x), rtol=0, atol=0)
+
+
+def test_module_prefix_and_training_checkpoint_layout(tmp_path, x):
+    model = small_model()
+    path = tmp_path / "ddp.pt"
+    torch.save({"epoch": 3, "model": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
+    loaded, _ = unicom.load(path, device="cpu")
+    torch.testing.assert_close(embed(loaded, x), embed(model, x), rtol=0, atol=0)
+
+
+class _Exploit:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch EXPLOITED",))
+
+
+def test_pickled_code_is_refused_and_never_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pt"
+    torch.save({"pos_embed": torch.zeros(1), "payload": _Exploit()}, path)
+    with pytest.raises(CheckpointError, match="pickled Python objects"):
+        unicom.load(path, device="cpu")
+    assert not (tmp_path / "EXPLOITED").exists()
+    # A raw pickle that is not a torch file at all is refused the same way.
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps(_Exploit()))
+    with pytest.raises(CheckpointError):
+        read_checkpoint(raw)
+    assert not (tmp_path / "EXPLOITED").exists()
+
+
+def test_corrupt_and_truncated_files_are_clear_errors(tmp_path):
+    model = small_model()
+    good = tmp_path / "good.pt"
+    torch.save(model.state_dict(), good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        unicom.load(truncated, device="cpu")
+    bad_st = tmp_path / "bad.safetensors"
+    bad_st.write_bytes(b"\x00" * 100)
+    with pytest.raises(CheckpointError, match="safetensors"):
+        unicom.load(bad_st, device="cpu")
+    assert zipfile.is_zipfile(good)
+
+
+def test_wrong_architecture_and_non_state_dict(tmp_path):
+    path = tmp_path / "list.pt"
+    torch.save([torch.zeros(2)], path)
+    with pytest.raises(CheckpointError, match="state dict"):
+        unicom.load(path, device="cpu")
+    partial = tmp_path / "partial.pt"
+    sd = small_model().state_dict()
+    sd.pop("norm.weight")
+    torch.save(sd, partial)
+    with pytest.raises(CheckpointError, match="does not match the architecture"):
+        unicom.load(partial, device="cpu")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weight": torch.zeros(3)}, foreign)
+    with pytest.raises(CheckpointError, match="not a UNICOM"):
+        unicom.load(foreign, device="cpu")
+
+
+def test_unknown_name_lists_models_and_closest(tmp_path):
+    with pytest.raises(ValueError) as e:
+        unicom.load("vit-l/14@336", device="cpu")
+    message = str(e.value)
+    assert all(name in message for name in unicom.available_models())
+    assert "Did you mean 'ViT-L/14@336px'" in message
+    with pytest.raises(IsADirectoryError):
+        unicom.load(tmp_path, device="cpu")
+
+
+@pytest.mark.parametrize("precision,dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16),
+                                             (torch.float32, torch.float32)])
+def test_precision_option(tmp_path, precision, dtype, x):
+    path = tmp_path / "m.pt"
+    save_model(small_model(), path)
+    model, _ = unicom.load(path, device="cpu", precision=precision)
+    assert all(p.dtype == dtype for p in model.parameters())
+    with pytest.raises(ValueError, match="precision"):
+        unicom.load(path, device="cpu", precision="fp8")
+
+
+def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "m.pt"
+    save_model(small_model(), path)
+    before = path.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError):
+        save_model(small_model(depth=1), path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
