@@ -2,12 +2,40 @@
 
 >>> import unicom
 >>> model, transform = unicom.load("ViT-B/32")
+
+The public names are imported on first use, so ``import unicom`` itself is cheap.
 """
 
-from .factory import create_model, load
-# from .hub import download  (added back when hub.py lands)
-from .model import VisionTransformer
-from .pretrained import available_models
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __all__ = ["available_models", "load", "create_model", "download", "VisionTransformer"]
 __version__ = "0.1.0"
+
+_HOMES = {
+    "available_models": ".pretrained",
+    "load": ".factory",
+    "create_model": ".factory",
+    "download": ".hub",
+    "VisionTransformer": ".model",
+}
+
+if TYPE_CHECKING:
+    from .factory import create_model, load
+    from .hub import download
+    from .model import VisionTransformer
+    from .pretrained import available_models
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        value = getattr(importlib.import_module(_HOMES[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'unicom' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

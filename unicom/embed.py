@@ -1,0 +1,104 @@
+"""Embedding a dataset with a model, sharded across processes.
+
+Each process embeds its contiguous shard (see :func:`unicom.data.loader.sharded_loader`);
+:func:`gather_embeddings` then concatenates the shards with tensor collectives, so every
+image is embedded exactly once whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from . import distributed as dist
+
+__all__ = ["Embeddings", "embed_loader", "gather_embeddings", "autocast_for"]
+
+logger = logging.getLogger(__name__)
+
+AMP_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Embeddings:
+    features: torch.Tensor  # (N, D) float32, not normalised
+    labels: torch.Tensor  # (N,) int64
+    indices: torch.Tensor  # (N,) int64: dataset index of each row
+    ok: torch.Tensor  # (N,) bool: False for images that could not be decoded (skipped)
+
+    def valid(self) -> Embeddings:
+        """Only the rows whose images were decoded."""
+        keep = self.ok
+        return Embeddings(self.features[keep], self.labels[keep], self.indices[keep], self.ok[keep])
+
+    @property
+    def num_skipped(self) -> int:
+        return int((~self.ok).sum())
+
+
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context for ``precision`` ("fp32", "fp16", "bf16") on ``device``."""
+    try:
+        dtype = AMP_DTYPES[precision]
+    except KeyError:
+        raise ValueError(f"Unknown precision {precision!r}: expected one of {list(AMP_DTYPES)}") from None
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def embed_loader(
+    model: torch.nn.Module,
+    loader,
+    device: torch.device,
+    precision: str = "fp32",
+    desc: str = "embedding",
+) -> Embeddings:
+    """Run ``model`` over a loader of ``(images, labels, indices, ok)`` batches on ``device``.
+
+    Results stay on ``device``: no per-batch host round trip.
+    """
+    model.eval()
+    features, labels, indices, oks = [], [], [], []
+    batches = tqdm(loader, desc=desc, disable=not dist.is_main_process(), leave=False)
+    for images, batch_labels, batch_indices, batch_ok in batches:
+        images = images.to(device, non_blocking=True)
+        with autocast_for(device, precision):
+            out = model(images)
+        features.append(out.float())
+        labels.append(batch_labels.to(device, non_blocking=True))
+        indices.append(batch_indices.to(device, non_blocking=True))
+        oks.append(batch_ok.to(device, non_blocking=True))
+    if not features:  # a process with an empty shard still takes part in the gathers
+        dim = _embedding_size(model)
+        return Embeddings(
+            torch.empty(0, dim, device=device),
+            torch.empty(0, dtype=torch.long, device=device),
+            torch.empty(0, dtype=torch.long, device=device),
+            torch.empty(0, dtype=torch.bool, device=device),
+        )
+    return Embeddings(torch.cat(features), torch.cat(labels).long(), torch.cat(indices).long(), torch.cat(oks).bool())
+
+
+def _embedding_size(model: torch.nn.Module) -> int:
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
+    return model.config.embedding_size
+
+
+def gather_embeddings(local: Embeddings) -> Embeddings:
+    """Concatenate every process's shard in rank order (tensor collectives, no pickling)."""
+    if dist.get_world_size() == 1:
+        return local
+    gathered = Embeddings(
+        dist.all_gather_varlen(local.features),
+        dist.all_gather_varlen(local.labels),
+        dist.all_gather_varlen(local.indices),
+        dist.all_gather_varlen(local.ok.to(torch.uint8)).bool(),
+    )
+    return gathered

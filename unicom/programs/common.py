@@ -1,0 +1,47 @@
+"""Pieces shared by the programs: logging, device and precision choice, result files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .. import distributed as dist
+
+PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16")
+
+
+def setup_logging() -> None:
+    """INFO on rank 0, warnings only elsewhere."""
+    level = logging.INFO if dist.is_main_process() else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout, force=True)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: fp16 autocast on CUDA (as published), exact fp32 on the CPU."""
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def write_json(obj: dict, path: str | os.PathLike) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def add_runtime_args(parser) -> None:
+    """Flags every program shares: device, precision, data loading."""
+    parser.add_argument("--device", default=None,
+                        help="cuda, cuda:1 or cpu (default: the local GPU when there is one, else the CPU)")
+    parser.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
+                        help="autocast precision for the forward pass; auto = fp16 on GPUs, fp32 on CPUs")
+    parser.add_argument("--skip-bad-images", "--skip_bad_images", dest="skip_bad_images", action="store_true",
+                        help="leave undecodable images out (counted in the results) instead of stopping")

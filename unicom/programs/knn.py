@@ -1,0 +1,194 @@
+"""Weighted kNN classification (DINO's ImageNet protocol), with train features sharded across processes.
+
+    torchrun --nproc_per_node 8 knn.py --train-dataset /imagenet/train/ --val-dataset /imagenet/val/ \\
+        --num-workers 4 --model-name ViT-B/32
+
+Each process embeds and keeps only its shard of the training set; every process embeds its
+shard of the validation set, which is then shared; each process searches its training
+shard and the top k are merged exactly (ties by lower training index), so the results are
+identical for any number of processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from .. import distributed as dist
+from ..data import load_image_folder, sharded_loader
+from ..embed import Embeddings, embed_loader, gather_embeddings
+from ..factory import load
+from ..metrics import knn_topk, knn_vote_accuracy, merge_topk
+from .common import add_runtime_args, resolve_precision, setup_logging, write_json
+
+logger = logging.getLogger("unicom.knn")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("knn", add_help=add_help, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train-dataset", "--train_dataset", dest="train_dataset", required=True,
+                   help="ImageFolder tree of the training images (<root>/<class>/<image>)")
+    p.add_argument("--val-dataset", "--val_dataset", dest="val_dataset", required=True,
+                   help="ImageFolder tree of the validation images; classes matched to training by folder name")
+    p.add_argument("--nb_knn", "--nb-knn", dest="nb_knn", nargs="+", type=int, default=[10, 20, 100, 200],
+                   help="numbers of neighbours to evaluate")
+    p.add_argument("--temperature", type=float, default=0.07, help="voting temperature T: weight exp(sim / T)")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=256)
+    p.add_argument("--model-name", "--model_name", dest="model_name", default="ViT-B/32",
+                   help="a registered model name or a checkpoint path")
+    p.add_argument("--num-workers", "--num_workers", dest="num_workers", type=int, default=4)
+    p.add_argument("--output-dir", "--output_dir", dest="output_dir", default="output")
+    p.add_argument("--gather-on-cpu", "--gather_on_cpu", dest="gather_on_cpu", action="store_true",
+                   help="keep the training features in host memory and stream them to the device in chunks")
+    p.add_argument("--n-per-class-list", "--n_per_class_list", dest="n_per_class_list", nargs="+", type=int,
+                   default=[-1], help="few-shot: training images per class (-1 = all)")
+    p.add_argument("--n-tries", "--n_tries", dest="n_tries", type=int, default=1,
+                   help="few-shot: random subsets per n, results averaged")
+    p.add_argument("--chunk-size", "--chunk_size", dest="chunk_size", type=int, default=1024,
+                   help="validation images searched at once")
+    p.add_argument("--train-chunk-rows", dest="train_chunk_rows", type=int, default=262144,
+                   help="with --gather-on-cpu: training rows moved to the device at once")
+    p.add_argument("--seed", type=int, default=0)
+    add_runtime_args(p)
+    return p
+
+
+def shard_topk(query: torch.Tensor, train: torch.Tensor, train_ids: torch.Tensor, k: int,
+               chunk_size: int, stream_rows: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k (sims, global ids) of ``query`` among this process's training rows.
+
+    With ``stream_rows`` the training rows stay where they are (host memory) and are moved
+    to the query's device ``stream_rows`` at a time; partial results are merged exactly.
+    """
+    if train.shape[0] == 0:
+        return query.new_empty(query.shape[0], 0), torch.empty(query.shape[0], 0, dtype=torch.long,
+                                                               device=query.device)
+    if stream_rows is None:
+        sims, idx = knn_topk(query, train, k, chunk_size)
+        return sims, train_ids[idx]
+    best_sims, best_ids = None, None
+    for start in range(0, train.shape[0], stream_rows):
+        block = train[start:start + stream_rows].to(query.device, non_blocking=True)
+        ids = train_ids[start:start + stream_rows].to(query.device, non_blocking=True)
+        sims, idx = knn_topk(query, block, k, chunk_size)
+        if best_sims is None:
+            best_sims, best_ids = sims, ids[idx]
+        else:
+            best_sims, best_ids = merge_topk(torch.cat([best_sims, sims], 1), torch.cat([best_ids, ids[idx]], 1), k)
+    return best_sims, best_ids
+
+
+def global_topk(query: torch.Tensor, train: Embeddings, k: int, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k over the training rows of all processes: search the local shard, gather, merge."""
+    stream = args.train_chunk_rows if args.gather_on_cpu else None
+    sims, ids = shard_topk(query, train.features, train.indices, k, args.chunk_size, stream)
+    # (k_local, Q) rows gathered from every process -> (sum k_local, Q) -> (Q, sum k_local)
+    sims = dist.all_gather_varlen(sims.t().contiguous()).t()
+    ids = dist.all_gather_varlen(ids.t().contiguous()).t()
+    return merge_topk(sims, ids, k)
+
+
+def few_shot_subset(labels: torch.Tensor, valid: torch.Tensor, n_per_class: int, seed: int) -> torch.Tensor:
+    """A boolean mask over training ids: n_per_class random valid images of every class (same on all ranks)."""
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(labels.numel(), dtype=torch.bool)
+    ids = torch.nonzero(valid).squeeze(1)
+    for c in torch.unique(labels[ids]).tolist():
+        members = ids[labels[ids] == c]
+        mask[members[torch.randperm(members.numel(), generator=generator)[:n_per_class]]] = True
+    return mask
+
+
+def evaluate(model, train_set, val_set, args, device, precision) -> dict:
+    """kNN accuracies for each k (and each few-shot subset), as fractions."""
+    start = time.perf_counter()
+    pin = device.type == "cuda"
+    train = embed_loader(model, sharded_loader(train_set, args.batch_size, args.num_workers, pin_memory=pin),
+                         device, precision, desc="train").valid()
+    val = gather_embeddings(embed_loader(model, sharded_loader(val_set, args.batch_size, args.num_workers,
+                                                               pin_memory=pin), device, precision, desc="val"))
+    seconds_embed = time.perf_counter() - start
+    num_train = int(dist.all_reduce_sum(torch.tensor([train.features.shape[0]], device=device)).item())
+    skipped_train = len(train_set) - num_train
+    skipped_val = val.num_skipped
+    val = val.valid()
+    train.features = torch.nn.functional.normalize(train.features, dim=1)
+    if args.gather_on_cpu:
+        train.features = train.features.cpu()
+        train.indices = train.indices.cpu()
+    # Every process needs the label of any training id to vote: labels are small, gather them.
+    all_labels = torch.full((len(train_set),), -1, dtype=torch.long, device=device)
+    all_labels[dist.all_gather_varlen(train.indices.to(device))] = dist.all_gather_varlen(train.labels)
+    num_classes = len(train_set.classes)
+    max_k = max(args.nb_knn)
+    results: dict = {"knn": {}, "few_shot": {}}
+    for n_per_class in args.n_per_class_list:
+        tries = [None] if n_per_class < 0 else list(range(args.n_tries))
+        ks = args.nb_knn if n_per_class < 0 else sorted({k for k in [*args.nb_knn, n_per_class] if k <= n_per_class})
+        per_try = []
+        for t in tries:
+            subset = train
+            if t is not None:
+                mask = few_shot_subset(all_labels.cpu(), all_labels.cpu() >= 0, n_per_class, seed=args.seed + t)
+                keep = mask[train.indices.cpu()].to(train.indices.device)
+                subset = Embeddings(train.features[keep], train.labels[keep], train.indices[keep], train.ok[keep])
+            sims, ids = global_topk(val.features, subset, max(ks) if t is not None else max_k, args)
+            per_try.append(knn_vote_accuracy(sims, all_labels[ids.to(device)], val.labels, ks, args.temperature,
+                                             num_classes, args.chunk_size))
+        averaged = {k: {m: sum(r[k][m] for r in per_try) / len(per_try) for m in ("top1", "top5")} for k in ks}
+        if n_per_class < 0:
+            results["knn"] = averaged
+        else:
+            results["few_shot"][n_per_class] = averaged
+    results.update(num_train=num_train, num_val=val.features.shape[0], skipped_images=skipped_train + skipped_val,
+                   images_per_second=(len(train_set) + len(val_set)) / max(seconds_embed, 1e-9),
+                   seconds=time.perf_counter() - start)
+    return results
+
+
+def _percent(table: dict) -> dict:
+    return {str(k): {m: 100.0 * v for m, v in r.items()} for k, r in table.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if min(args.nb_knn) < 1:
+        raise SystemExit(f"--nb_knn values must be >= 1, got {args.nb_knn}")
+    device = dist.setup(args.device)
+    setup_logging()
+    try:
+        torch.manual_seed(args.seed)
+        model, transform = load(args.model_name, device=device)
+        train_set = load_image_folder(args.train_dataset, transform, args.skip_bad_images)
+        val_set = load_image_folder(args.val_dataset, transform, args.skip_bad_images,
+                                    class_to_idx={c: i for i, c in enumerate(train_set.classes)})
+        result = evaluate(model, train_set, val_set, args, device, resolve_precision(args.precision, device))
+        if dist.is_main_process():
+            record = {
+                "model": str(args.model_name),
+                "num_train": result["num_train"],
+                "num_val": result["num_val"],
+                "temperature": args.temperature,
+                "world_size": dist.get_world_size(),
+                "knn": _percent(result["knn"]),
+                "skipped_images": result["skipped_images"],
+                "images_per_second": result["images_per_second"],
+                "seconds": result["seconds"],
+            }
+            if result["few_shot"]:
+                record["few_shot"] = {str(n): _percent(t) for n, t in result["few_shot"].items()}
+            for k, r in record["knn"].items():
+                print(f"{k:>4}-NN  top-1 {r['top1']:6.2f}  top-5 {r['top5']:6.2f}")
+            for n, table in record.get("few_shot", {}).items():
+                for k, r in table.items():
+                    print(f"{n:>4} per class {k:>4}-NN  top-1 {r['top1']:6.2f}  top-5 {r['top5']:6.2f}")
+            write_json(record, Path(args.output_dir) / "results_eval_knn.json")
+        dist.barrier()
+        return 0
+    finally:
+        dist.cleanup()

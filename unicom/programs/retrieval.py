@@ -1,0 +1,139 @@
+"""Zero-shot retrieval evaluation (``--eval``) and supervised fine-tuning on a retrieval benchmark.
+
+    torchrun --nproc_per_node 8 retrieval.py --eval --dataset cub --model_name ViT-B/32
+    python retrieval.py --eval --dataset digits --model_name ViT-B/32
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from .. import distributed as dist
+from ..data import RetrievalDataset, load_retrieval_dataset, sharded_loader
+from ..data.registry import available_datasets
+from ..embed import Embeddings, embed_loader, gather_embeddings
+from ..factory import load
+from ..metrics import retrieval_metrics
+from .common import add_runtime_args, resolve_precision, setup_logging, write_json
+
+logger = logging.getLogger("unicom.retrieval")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("retrieval", add_help=add_help, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--eval", action="store_true", help="zero-shot evaluation only (no fine-tuning)")
+    p.add_argument("--dataset", default="cub", help=f"one of {', '.join(available_datasets())}")
+    p.add_argument("--data-root", "--data_root", dest="data_root", default="data",
+                   help="folder holding the datasets in their standard layouts (default: data)")
+    p.add_argument("--model_name", "--model-name", dest="model_name", default="ViT-B/16",
+                   help="a registered model name or a checkpoint path")
+    p.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=128,
+                   help="images per process per step")
+    p.add_argument("--num_workers", "--num-workers", dest="num_workers", type=int, default=8,
+                   help="data loading processes per process")
+    p.add_argument("--num_feat", type=int, default=None,
+                   help="use only the first num_feat embedding dimensions (as trained with feature sampling)")
+    p.add_argument("--output", default="output", help="folder for results.json (and checkpoints)")
+    p.add_argument("--chunk-size", "--chunk_size", dest="chunk_size", type=int, default=1024,
+                   help="queries searched at once: bounds memory to chunk x gallery similarities")
+    p.add_argument("--visualize", type=int, default=0, metavar="N",
+                   help="write <output>/retrieval_examples.png with N random queries and their top results")
+    p.add_argument("--seed", type=int, default=1024)
+    add_runtime_args(p)
+    return p
+
+
+def embed_dataset(model, dataset, args, device, precision: str, desc: str) -> Embeddings:
+    """Embed ``dataset`` sharded across processes; every process gets all rows, in dataset order."""
+    loader = sharded_loader(dataset, args.batch_size, args.num_workers, pin_memory=device.type == "cuda")
+    gathered = gather_embeddings(embed_loader(model, loader, device, precision, desc=desc))
+    order = torch.arange(len(dataset), device=gathered.indices.device)
+    if not torch.equal(gathered.indices, order):
+        raise RuntimeError("internal error: gathered embeddings are not in dataset order")
+    return gathered
+
+
+def evaluate(model, data: RetrievalDataset, args, device: torch.device, precision: str) -> dict:
+    """Embed query (and gallery) sets and compute Recall@K, MAP@R and R-precision (fractions)."""
+    start = time.perf_counter()
+    query = embed_dataset(model, data.query, args, device, precision, "query")
+    gallery = embed_dataset(model, data.gallery, args, device, precision, "gallery") if data.gallery else None
+    seconds_embed = time.perf_counter() - start
+    num_images = len(data.query) + (len(data.gallery) if data.gallery else 0)
+    skipped = query.num_skipped + (gallery.num_skipped if gallery else 0)
+    if skipped:
+        logger.warning("left out %d images that could not be decoded", skipped)
+    query = query.valid()
+    gallery = gallery.valid() if gallery else None
+    dims = slice(None) if args.num_feat is None else slice(0, args.num_feat)
+    result = retrieval_metrics(
+        query.features[:, dims], query.labels,
+        gallery.features[:, dims] if gallery else None, gallery.labels if gallery else None,
+        ks=data.ks, chunk_size=args.chunk_size,
+    )
+    result.update(
+        skipped_images=skipped,
+        images_per_second=num_images / max(seconds_embed, 1e-9),
+        seconds=time.perf_counter() - start,
+        _query=query, _gallery=gallery,
+    )
+    return result
+
+
+def report(result: dict, data: RetrievalDataset, args) -> dict:
+    """The results.json record (percentages) and a printed table."""
+    record = {
+        "dataset": data.name,
+        "model": str(args.model_name),
+        "num_query": result["num_query"],
+        "num_gallery": result["num_gallery"],
+        "world_size": dist.get_world_size(),
+        "recall": {str(k): 100.0 * v for k, v in result["recall"].items()},
+        "map_at_r": 100.0 * result["map_at_r"],
+        "r_precision": 100.0 * result["r_precision"],
+        "num_lone_queries": result["num_lone_queries"],
+        "skipped_images": result["skipped_images"],
+        "images_per_second": result["images_per_second"],
+        "seconds": result["seconds"],
+    }
+    lines = [f"{data.name}  {args.model_name}  queries={record['num_query']} gallery={record['num_gallery']}"]
+    lines += [f"  Recall@{k:<5} {v:6.2f}" for k, v in record["recall"].items()]
+    lines += [f"  MAP@R        {record['map_at_r']:6.2f}", f"  R-precision  {record['r_precision']:6.2f}"]
+    print("\n".join(lines), flush=True)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    device = dist.setup(args.device)
+    setup_logging()
+    try:
+        if not args.eval:
+            from .finetune import train
+
+            return train(args, device)
+        torch.manual_seed(args.seed)
+        model, transform = load(args.model_name, device=device)
+        data = load_retrieval_dataset(args.dataset, args.data_root, "test", transform, args.skip_bad_images)
+        precision = resolve_precision(args.precision, device)
+        result = evaluate(model, data, args, device, precision)
+        if dist.is_main_process():
+            record = report(result, data, args)
+            write_json(record, Path(args.output) / "results.json")
+            if args.visualize:
+                from ..visualize import retrieval_grid
+
+                path = Path(args.output) / "retrieval_examples.png"
+                retrieval_grid(result["_query"], result["_gallery"], data, args.visualize, path,
+                               seed=args.seed, num_feat=args.num_feat)
+                logger.info("wrote %s", path)
+        dist.barrier()
+        return 0
+    finally:
+        dist.cleanup()
