@@ -251,6 +251,16 @@ def test_partial_fc_half_embeddings_compute_in_float32() -> None:
     torch.testing.assert_close(g_w.double(), ref_w, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_partial_fc_finite_gradients_when_embedding_is_its_centre(dtype: torch.dtype) -> None:
+    weight = torch.randn(4, 6, dtype=dtype)
+    emb = torch.stack([weight[0], -weight[1], 3 * weight[2]])  # cos = 1, -1 (wrong class), 1
+    pfc = PartialFC(CombinedMarginLoss(), 6, 4).to(dtype)
+    pfc.weight.data.copy_(weight)
+    loss, g_emb, g_w = run_pfc(pfc, emb, torch.tensor([0, 2, 2]))
+    assert torch.isfinite(loss) and torch.isfinite(g_emb).all() and torch.isfinite(g_w).all()
+
+
 def test_partial_fc_init_and_validation() -> None:
     pfc = PartialFC(CombinedMarginLoss(), 64, 1000)
     assert pfc.weight.shape == (1000, 64)
@@ -327,3 +337,30 @@ def test_partial_fc_multi_process_matches_single_process(world_size: int, sizes:
         torch.testing.assert_close(r["sampled"]["loss"], ref_loss, rtol=1e-12, atol=0)
     torch.testing.assert_close(torch.cat([r["sampled"]["g_emb"] for r in results]), ref_emb, rtol=1e-10, atol=1e-13)
     torch.testing.assert_close(torch.cat([r["sampled"]["g_w"] for r in results]), ref_w, rtol=1e-10, atol=1e-13)
+
+
+# --- the multi-process helper itself --------------------------------------------------
+
+
+def _env_work(rank: int, world_size: int) -> tuple:
+    import os
+
+    import torch.distributed as dist
+
+    return rank, os.environ["RANK"], os.environ["WORLD_SIZE"], dist.is_initialized()
+
+
+def _failing_work(rank: int, world_size: int) -> int:
+    if rank == 1:
+        raise ValueError("rank one fails on purpose")
+    return rank
+
+
+def test_run_in_processes_without_group_sets_torchrun_variables() -> None:
+    results = run_in_processes(_env_work, 2, init=False)
+    assert results == [(0, "0", "2", False), (1, "1", "2", False)]
+
+
+def test_run_in_processes_reports_the_failing_rank() -> None:
+    with pytest.raises(RuntimeError, match="rank one fails on purpose"):
+        run_in_processes(_failing_work, 2)

@@ -158,6 +158,10 @@ class PartialFC(nn.Module):
     autocast); everything after it is at least float32. Labels must lie in
     ``[0, num_classes)``. After a step, ``last_sampled`` holds the local indices of the
     centres used (sorted) and ``last_feat`` the dimensions used (sorted) or None.
+
+    Do not wrap this module in DistributedDataParallel: each process's centres are its own.
+    (DDP on the backbone averages its gradients over processes, i.e. scales them by
+    1 / world size relative to the centres', as in insightface.)
     """
 
     def __init__(
@@ -228,7 +232,7 @@ class PartialFC(nn.Module):
         # Random scores, positives forced to the top: the top num_sample are all positives
         # plus a uniformly random subset of the negatives.
         score = torch.rand(self.num_local, device=device)
-        pass
+        score[positives] = 2.0
         return torch.topk(score, self.num_sample, sorted=False).indices.sort().values
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -244,7 +248,7 @@ class PartialFC(nn.Module):
         # Float32 at least: the softmax must not run in half precision (mixed precision).
         dtype = torch.promote_types(torch.promote_types(embeddings.dtype, self.weight.dtype), torch.float32)
         emb = distributed.all_gather_with_grad(embeddings.to(dtype))  # (N, D)
-        local_labels = distributed.all_gather_varlen(labels.view(-1).long()) - self.class_start  # (N,)
+        local_labels = distributed.all_gather_varlen(labels.reshape(-1).long()) - self.class_start  # (N,)
 
         feat = self._select_features()
         sampled = self._sample_centres(local_labels)  # (S,)

@@ -73,24 +73,20 @@ def test_transform(n_px: int) -> T.Compose:
     )
 
 
-def train_transform(n_px: int, kind: str = "origin_clip"):
-    """Fine-tuning transform: ``origin_clip`` (the eval transform) or ``timm`` (RandAugment etc.)."""
+def train_transform(n_px: int, kind: str = "origin_clip", **timm_options):
+    """Fine-tuning transform: ``origin_clip`` (the eval transform) or ``timm``.
+
+    ``timm`` is timm's ``create_transform(is_training=True)`` with the published settings
+    (RandAugment ``rand-m9-mstd0.5-inc1``, colour jitter 0.4, bicubic, random erasing 0.25 in
+    pixel mode, once); ``timm_options`` override them (e.g. ``auto_augment=...``).
+    """
     if kind == "origin_clip":
         return eval_transform(n_px)
     if kind == "timm":
         from timm.data import create_transform
 
-        augment = create_transform(
-            input_size=n_px,
-            is_training=True,
-            color_jitter=0.4,
-            auto_augment="rand-m9-mstd0.5-inc1",
-            interpolation="bicubic",
-            re_prob=0.25,
-            re_mode="pixel",
-            re_count=1,
-            mean=MEAN,
-            std=STD,
-        )
-        return T.Compose([ToRGB(), augment])
+        options = dict(color_jitter=0.4, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic",
+                       re_prob=0.25, re_mode="pixel", re_count=1, mean=MEAN, std=STD)
+        options.update(timm_options)
+        return T.Compose([ToRGB(), create_transform(input_size=n_px, is_training=True, **options)])
     raise ValueError(f"Unknown transform {kind!r}: expected 'origin_clip' or 'timm'")

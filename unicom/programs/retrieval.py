@@ -20,6 +20,7 @@ from ..embed import Embeddings, embed_loader, gather_embeddings
 from ..factory import load
 from ..metrics import retrieval_metrics
 from .common import add_runtime_args, resolve_precision, setup_logging, write_json
+from .finetune import add_train_args, train
 
 logger = logging.getLogger("unicom.retrieval")
 
@@ -46,6 +47,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="write <output>/retrieval_examples.png with N random queries and their top results")
     p.add_argument("--seed", type=int, default=1024)
     add_runtime_args(p)
+    add_train_args(p)
     return p
 
 
@@ -115,8 +117,6 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         if not args.eval:
-            from .finetune import train
-
             return train(args, device)
         torch.manual_seed(args.seed)
         model, transform = load(args.model_name, device=device)
