@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["retrieval_metrics", "knn_topk", "merge_topk", "knn_classify", "knn_accuracy"]
+__all__ = ["retrieval_metrics", "knn_topk", "merge_topk", "knn_classify", "knn_accuracy", "knn_vote_accuracy"]
 
 logger = logging.getLogger(__name__)
 
@@ -338,20 +338,58 @@ def knn_accuracy(
         ``{k: {"top1": float, "top5": float}}`` as fractions, keyed by the ks given.
     """
     _check_chunk_size(chunk_size)
-    ks = [int(k) for k in ks]
-    if not ks or min(ks) < 1:
-        raise ValueError(f"ks must be a non-empty list of positive integers, got {ks}")
-    num_test, num_train = test_features.shape[0], train_features.shape[0]
-    if num_test == 0 or num_train == 0:
+    if test_features.shape[0] == 0 or train_features.shape[0] == 0:
         raise ValueError("need at least one training and one test embedding")
     device = test_features.device
     train_labels, test_labels = train_labels.to(device).long(), test_labels.to(device).long()
     if num_classes is None:
         num_classes = int(torch.maximum(train_labels.max(), test_labels.max())) + 1
-    num_top = min(5, num_classes)
-
+    ks = _check_ks(ks)
     sims, idx = knn_topk(test_features, train_features, max(ks), chunk_size)  # (Q, k_max)
-    neighbour_labels = train_labels[idx]  # (Q, k_max)
+    return knn_vote_accuracy(sims, train_labels[idx], test_labels, ks, temperature, num_classes, chunk_size)
+
+
+def _check_ks(ks: Sequence[int]) -> list[int]:
+    ks = [int(k) for k in ks]
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks must be a non-empty list of positive integers, got {ks}")
+    return ks
+
+
+def knn_vote_accuracy(
+    sims: Tensor,
+    neighbour_labels: Tensor,
+    test_labels: Tensor,
+    ks: Sequence[int] = (10, 20, 100, 200),
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk_size: int = 1024,
+) -> dict[int, dict[str, float]]:
+    """Top-1 and top-5 accuracy of the weighted kNN vote, given each query's neighbours.
+
+    The half of :func:`knn_accuracy` after the search, for callers that searched themselves
+    (e.g. over training shards on several processes, merged with :func:`merge_topk`).
+
+    Args:
+        sims: (Q, K) similarities of each test item's neighbours, best first.
+        neighbour_labels: (Q, K) their class indices.
+        test_labels: (Q,) true class indices.
+        ks: neighbour counts to evaluate; a k beyond K is clamped to K.
+        temperature, num_classes, chunk_size: as in :func:`knn_accuracy`.
+
+    Returns:
+        ``{k: {"top1": float, "top5": float}}`` as fractions.
+    """
+    _check_chunk_size(chunk_size)
+    ks = _check_ks(ks)
+    num_test = test_labels.shape[0]
+    if num_test == 0 or sims.shape[1] == 0:
+        raise ValueError("need at least one test item and one neighbour")
+    device = sims.device
+    test_labels, neighbour_labels = test_labels.to(device).long(), neighbour_labels.to(device).long()
+    if num_classes is None:
+        num_classes = int(torch.maximum(neighbour_labels.max(), test_labels.max())) + 1
+    num_top = min(5, num_classes)
     k_max = sims.shape[1]
     correct = torch.zeros(len(ks), 2, dtype=torch.long, device=device)  # (top1, top5) per k
     for start in range(0, num_test, chunk_size):  # bounds the (chunk, C) score block

@@ -218,6 +218,18 @@ def load_checkpoint(folder: Path, model, pfc, optimizer, scheduler, scaler) -> t
 # ----------------------------------------------------------------------------- training
 
 
+def _allreduce_sum_hook(state, bucket):
+    """DDP communication hook that sums gradients instead of averaging them.
+
+    Partial FC's loss is the mean over the samples of *all* processes, and each process's
+    backward already yields its exact share of that loss's gradient; the backbone's true
+    gradient is therefore the sum over processes (DDP's default mean would divide it by the
+    world size, unlike the class centres' gradients).
+    """
+    work = torch.distributed.all_reduce(bucket.buffer(), async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
 def unwrap(model):
     return model.module if isinstance(model, DistributedDataParallel) else model
 
@@ -293,8 +305,10 @@ def train(args, device: torch.device) -> int:
     model = model.to(device).train()
     if dist.get_world_size() > 1 and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
-        if dist.get_world_size() > 1 else model
+    ddp = model
+    if dist.get_world_size() > 1:
+        ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        ddp.register_comm_hook(None, _allreduce_sum_hook)
     margin = CombinedMarginLoss(args.margin_loss_s, args.margin_loss_m1, args.margin_loss_m2, args.margin_loss_m3)
     pfc = PartialFC(margin, config.embedding_size, train_data.num_classes, args.sample_rate, args.num_feat)
     pfc = pfc.to(device).train()
@@ -302,8 +316,11 @@ def train(args, device: torch.device) -> int:
     sampler = EpochSampler(len(train_data.query), args.batch_size, args.seed)
     steps_per_epoch = math.ceil(sampler.batches_per_epoch / args.gradient_acc)
     total_steps = args.epochs * steps_per_epoch
+    # torch's OneCycleLR divides by pct_start * total_steps - 1, which is zero when the warm-up
+    # is exactly one step (10 steps in all); a hair more keeps that one-step warm-up.
+    pct_start = 0.1 if 0.1 * total_steps != 1 else 0.1 + 1e-6
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[args.lr, args.lr * args.lr_pfc_weight], total_steps=total_steps, pct_start=0.1)
+        optimizer, max_lr=[args.lr, args.lr * args.lr_pfc_weight], total_steps=total_steps, pct_start=pct_start)
     scaler = torch.amp.GradScaler(device.type, growth_interval=200) if precision == "fp16" else None
 
     start_epoch, step, best = 0, 0, -1.0
