@@ -48,7 +48,9 @@ def _start_method() -> str:
         return "spawn"
     # Only takes effect before the server starts, i.e. on the first call in this process;
     # a module that fails to import is skipped there and imported by the workers instead.
-    multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "pytest", "unicom"])
+    multiprocessing.set_forkserver_preload(
+        ["torch", "torch.distributed", "pytest", "unicom", "unicom.programs.retrieval", "unicom.programs.knn"]
+    )
     return "forkserver"
 
 

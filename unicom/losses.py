@@ -9,7 +9,6 @@ processes. Both work unchanged in a single process without a process group.
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Callable
 
@@ -21,8 +20,6 @@ from torch import nn
 from unicom import distributed
 
 __all__ = ["CombinedMarginLoss", "PartialFC"]
-
-logger = logging.getLogger(__name__)
 
 
 class CombinedMarginLoss(nn.Module):
@@ -160,8 +157,9 @@ class PartialFC(nn.Module):
     centres used (sorted) and ``last_feat`` the dimensions used (sorted) or None.
 
     Do not wrap this module in DistributedDataParallel: each process's centres are its own.
-    (DDP on the backbone averages its gradients over processes, i.e. scales them by
-    1 / world size relative to the centres', as in insightface.)
+    Each process's backward yields its exact share of the gradient of the global loss, so the
+    backbone's gradients must be *summed* over processes (DDP's default averages them; the
+    fine-tuning program installs a summing communication hook).
     """
 
     def __init__(

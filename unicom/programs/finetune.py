@@ -399,7 +399,7 @@ def train(args, device: torch.device) -> int:
 def _check_finite(finite: torch.Tensor, loss_sum: torch.Tensor, epoch: int, step: int) -> None:
     if not bool(finite):
         raise FloatingPointError(
-            f"the loss became NaN or infinite in epoch {epoch + 1} before optimiser step {step} "
+            f"the loss became NaN or infinite in epoch {epoch + 1}, at or before optimiser step {step} "
             f"(running sum {loss_sum.item()}); stopping. The last good checkpoint is kept: lower --lr, "
             "check the data, or try --precision bf16/fp32, then --resume auto"
         )
