@@ -64,3 +64,20 @@ def test_test_and_train_transforms(photo):
     assert train_transform(64, "origin_clip")(photo).shape == (3, 64, 64)
     with pytest.raises(ValueError, match="origin_clip"):
         train_transform(64, "autoaug")
+
+
+def test_timm_posterize_at_top_magnitude_does_not_crash(photo):
+    """timm asks Pillow for 0 bits at magnitude 10; Pillow >= 13 refuses it."""
+    transform = train_transform(32, "timm", auto_augment="rand-m10-n3-inc1")
+    ops = [op for op in transform.transforms[1].transforms[2].ops if "Posterize" in op.name]
+    assert ops and all(op.aug_fn.__module__ == "unicom.transforms" for op in ops)
+    small = photo.resize((48, 40))
+    black = ops[0].aug_fn(small, 0)
+    assert black.size == small.size and black.getextrema() == ((0, 0), (0, 0), (0, 0))
+    assert ops[0].aug_fn(small, 8) is small
+    torch.manual_seed(0)
+    import random
+
+    random.seed(0)
+    for _ in range(50):  # three ops at magnitude 10 each time: posterize comes up often
+        assert transform(small).shape == (3, 32, 32)

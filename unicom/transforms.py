@@ -8,7 +8,7 @@ scaled (not clipped), palette images keep their colours, CMYK is converted.
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision import transforms as T
 
 __all__ = ["MEAN", "STD", "to_rgb", "ToRGB", "eval_transform", "train_transform", "test_transform"]
@@ -73,6 +73,30 @@ def test_transform(n_px: int) -> T.Compose:
     )
 
 
+def _posterize(image: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize, valid for every magnitude.
+
+    timm's ``PosterizeIncreasing`` keeps 0 bits at the top magnitude, which Pillow >= 13
+    rejects (ValueError) where older Pillow returned a black image: keep that meaning.
+    """
+    if bits_to_keep >= 8:
+        return image
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size)
+    return ImageOps.posterize(image, bits_to_keep)
+
+
+def _make_posterize_safe(transform) -> None:
+    """Point every posterize op of a timm augmentation pipeline at :func:`_posterize`."""
+    stack = [transform]
+    while stack:
+        node = stack.pop()
+        if "posterize" in str(getattr(node, "name", "")).lower() and hasattr(node, "aug_fn"):
+            node.aug_fn = _posterize
+        for attr in ("transforms", "ops"):
+            stack.extend(getattr(node, attr, None) or [])
+
+
 def train_transform(n_px: int, kind: str = "origin_clip", **timm_options):
     """Fine-tuning transform: ``origin_clip`` (the eval transform) or ``timm``.
 
@@ -88,5 +112,7 @@ def train_transform(n_px: int, kind: str = "origin_clip", **timm_options):
         options = dict(color_jitter=0.4, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic",
                        re_prob=0.25, re_mode="pixel", re_count=1, mean=MEAN, std=STD)
         options.update(timm_options)
-        return T.Compose([ToRGB(), create_transform(input_size=n_px, is_training=True, **options)])
+        augment = create_transform(input_size=n_px, is_training=True, **options)
+        _make_posterize_safe(augment)
+        return T.Compose([ToRGB(), augment])
     raise ValueError(f"Unknown transform {kind!r}: expected 'origin_clip' or 'timm'")
