@@ -131,6 +131,17 @@ def test_complete_part_is_finished_after_416(server: FileServer, root: Path) -> 
     assert Path(path).read_bytes() == DATA
 
 
+def test_longer_stale_part_is_not_accepted_without_hash(server: FileServer, root: Path) -> None:
+    # 416 alone does not mean "complete": a .part longer than the file is stale, and with
+    # sha256=None no hash would catch it, so the length in Content-Range must.
+    url = server.add(PATH, DATA)
+    root.mkdir()
+    (root / "weights.bin.part").write_bytes(DATA + b"stale tail")
+    path = download(url, None, progress=False)
+    assert [r.range for r in server.requests] == [f"bytes={len(DATA) + 10}-", None]
+    assert Path(path).read_bytes() == DATA
+
+
 def test_dropped_connection_is_resumed(server: FileServer, root: Path) -> None:
     url = server.add(PATH, DATA, "drop_once", cut=700_000)
     path = download(url, SHA, progress=False, retries=1)

@@ -270,12 +270,26 @@ def test_retrieval_rejects_bad_arguments():
 def test_knn_topk_matches_reference(data):
     x, _ = random_data(200, 5, seed=9) if data == "random" else exact_data(200, 5, seed=9)
     query, gallery = x[:70], x[70:]
-    for k in (1, 13, 130, 1000):  # 1000 > 130 gallery rows: clamped
+    for k in (1, 3, 13, 130, 1000):  # 1000 > 130 gallery rows: clamped
         sims, idx = knn_topk(query, gallery, k, chunk_size=16)
         want_sims, want_idx = ref_topk(query, gallery, k)
         assert sims.shape == idx.shape == (70, min(k, 130))
         assert sims.dtype == x.dtype and idx.dtype == torch.long
         assert np.array_equal(idx.numpy(), want_idx)
+        np.testing.assert_allclose(sims.numpy(), want_sims, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("data", ["random", "exact"])
+def test_knn_topk_block_selection(data):
+    # A gallery of prime size (blocks never divide it) and small k: the selection goes
+    # through block maxima (sqrt(N / k) >= 4 columns a block), with ties everywhere for
+    # the exact data.
+    x, _ = random_data(1040, 5, seed=16) if data == "random" else exact_data(1040, 5, seed=16)
+    query, gallery = x[:43], x[43:]  # 997 gallery rows
+    for k in (1, 2, 7, 20, 60):
+        sims, idx = knn_topk(query, gallery, k, chunk_size=10)
+        want_sims, want_idx = ref_topk(query, gallery, k)
+        assert np.array_equal(idx.numpy(), want_idx), k
         np.testing.assert_allclose(sims.numpy(), want_sims, rtol=0, atol=1e-12)
 
 

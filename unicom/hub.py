@@ -329,8 +329,8 @@ def _download_locked(
 def _open_response(url: str, offset: int, timeout: float, target: Path, expected: str | None):
     """Send the GET (with ``Range`` when resuming); map failures to our exceptions.
 
-    Returns ``None`` when the server says the range is unsatisfiable (416), which for a
-    resumed request means the ``.part`` file may already hold the whole file.
+    Returns ``None`` when the server answers a resumed request with 416 and a length equal
+    to the ``.part``'s: the file is already whole (the hash still decides).
     """
     headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"}
     if offset:
@@ -341,7 +341,13 @@ def _open_response(url: str, offset: int, timeout: float, target: Path, expected
     except urllib.error.HTTPError as e:
         e.close()
         if e.code == 416 and offset:
-            return None
+            # "Content-Range: bytes */N" gives the file's length. Only a .part of exactly
+            # that length can be the whole file; any other is stale (say, a longer older
+            # version), which must not be accepted even when there is no hash to catch it.
+            m = re.fullmatch(r"\s*bytes\s+\*/(\d+)\s*", e.headers.get("Content-Range") or "")
+            if m is not None and int(m.group(1)) == offset:
+                return None
+            raise _RestartFromZero(f"server cannot resume {url} at byte {offset} (HTTP 416)")
         status = f"HTTP {e.code} {e.reason}"
         if e.code >= 500 or e.code in (408, 429):
             raise _TransientError(f"{status} from {url}") from None
@@ -371,8 +377,8 @@ def _fetch_into(
     offset = part.stat().st_size if part.exists() else 0
     response = _open_response(url, offset, timeout, target, expected)
     if response is None:
-        # 416 on a resumed request: the .part is already complete (or stale); let the hash
-        # decide, the caller restarts from zero if it is wrong.
+        # 416 with the .part's own length: it is already complete (a process killed before
+        # os.replace); the hash decides, and the caller restarts from zero if it is wrong.
         logger.info("server reports %s complete at %d bytes", url, offset)
         return _hash_file(part).hexdigest()
 

@@ -24,6 +24,7 @@ the caller, and ``merge_topk``.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -75,6 +76,38 @@ def _order_ties(sims: Tensor, indices: Tensor, num_gallery: int) -> Tensor:
     return (runs * num_gallery + indices).argsort(dim=1)
 
 
+def _block_size(num_gallery: int, k: int) -> int:
+    """Columns per block of the two-stage selection (1: plain topk over the whole row).
+
+    Selecting k of N costs about N / m (block maxima) + k * m (candidates) beyond the one
+    pass that takes the maxima; m = sqrt(N / k) balances the two. Below m = 4 the saving
+    does not pay for the extra passes.
+    """
+    m = round(math.sqrt(num_gallery / k))
+    return m if m >= 4 else 1
+
+
+def _select(block: Tensor, k: int, m: int) -> tuple[Tensor, Tensor]:
+    """The k largest values of each row of ``block`` (c, B * m), sorted descending.
+
+    With m > 1 the row is cut into B blocks of m columns: the k blocks with the largest
+    maxima hold the k largest values (any value they miss is <= the k-th largest block
+    maximum, which is <= the k-th largest value, so it can only be a tie with it), and
+    the final topk runs over their k * m columns instead of the whole row. The values are
+    exactly those of a plain topk; only which of several equal k-th values is kept may
+    differ, and the caller resolves such ties anyway.
+    """
+    if m == 1:
+        return torch.topk(block, k, dim=1, largest=True, sorted=True)
+    rows, width = block.shape
+    maxima = block.view(rows, width // m, m).amax(dim=2)  # (c, B)
+    top_blocks = torch.topk(maxima, k, dim=1, sorted=False).indices  # (c, k)
+    offsets = torch.arange(m, device=block.device)
+    cols = (top_blocks.unsqueeze(2) * m + offsets).view(rows, k * m)  # (c, k*m) candidates
+    vals, pos = torch.topk(block.gather(1, cols), k, dim=1, largest=True, sorted=True)
+    return vals, cols.gather(1, pos)
+
+
 def _search(
     query: Tensor, gallery: Tensor, k: int, chunk_size: int, exclude_self: bool
 ) -> Iterator[tuple[slice | Tensor, Tensor, Tensor]]:
@@ -88,26 +121,34 @@ def _search(
     """
     num_query, num_gallery = query.shape[0], gallery.shape[0]
     gallery_t = gallery.t()  # (D, N) view; BLAS reads it transposed
-    # One reusable (chunk, N) block: allocating ~0.5 GB per chunk costs page faults on CPUs.
-    block = torch.empty(min(chunk_size, num_query), num_gallery, dtype=query.dtype, device=query.device)
+    # One extra rank tells whether ties matter: topk keeps arbitrary members among values
+    # equal to the k-th one, and if the (k+1)-th value equals the k-th, an equal value was
+    # left out and the lowest indices may be missing.
     k_search = min(k + 1, num_gallery)
+    m = _block_size(num_gallery, k_search)
+    width = -(-num_gallery // m) * m  # whole blocks
+    # One reusable (chunk, width) buffer: allocating ~0.5 GB per chunk costs page faults on
+    # CPUs. Rows are padded to 64 bytes, which speeds up the matmul writing into them, and
+    # the padding columns hold -inf for good (the matmul only writes the first N).
+    stride = -(-width // 16) * 16
+    buffer = torch.full(
+        (min(chunk_size, num_query), stride), float("-inf"), dtype=query.dtype, device=query.device
+    )
     tied_masks = [torch.zeros(0, dtype=torch.bool, device=query.device)]
     for start in range(0, num_query, chunk_size):
         stop = min(start + chunk_size, num_query)
-        sims = torch.mm(query[start:stop], gallery_t, out=block[: stop - start])  # (c, N)
+        block = buffer[: stop - start, :width]  # (c, width) view
+        torch.mm(query[start:stop], gallery_t, out=block[:, :num_gallery])  # (c, N) similarities
         if exclude_self:
             diag = torch.arange(stop - start, device=query.device)
-            sims[diag, diag + start] = float("-inf")
-        # topk picks arbitrary members among values equal to the k-th one. One extra rank
-        # tells whether that matters: if the (k+1)-th value equals the k-th, an equal value
-        # was left out and the lowest indices may be missing.
-        vals, idx = torch.topk(sims, k_search, dim=1, largest=True, sorted=True)  # (c, k+1)
+            block[diag, diag + start] = float("-inf")
+        vals, idx = _select(block, k_search, m)  # (c, k+1)
         if k_search > k:
             tied_masks.append(vals[:, k] == vals[:, k - 1])
             vals, idx = vals[:, :k], idx[:, :k]
         order = _order_ties(vals, idx, num_gallery)  # ties inside the top k
         yield slice(start, stop), vals.gather(1, order), idx.gather(1, order)
-    del block
+    del buffer, block
 
     tied_rows = torch.cat(tied_masks).nonzero().squeeze(1)  # the pass's one host sync
     if tied_rows.numel():
@@ -187,7 +228,8 @@ def retrieval_metrics(
 
     num_rankable = num_gallery - int(exclude_self)
     # Ranks beyond max(K) and max(R) never matter; fetch that many (one host sync, up front).
-    k_fetch = min(max(max(ks), int(num_relevant.max())), num_rankable)
+    max_relevant = int(num_relevant.max())
+    k_fetch = min(max(max(ks), max_relevant), num_rankable)
     k_used = torch.tensor([min(k, k_fetch) for k in ks], device=device)  # (len(ks),)
 
     # Per-query results stay on the device and are reduced once at the end, so the sums do
@@ -196,16 +238,21 @@ def retrieval_metrics(
     ap = torch.zeros(num_query, dtype=torch.float64, device=device)  # AP@R
     rp = torch.zeros(num_query, dtype=torch.float64, device=device)  # R-precision
     if k_fetch > 0:
-        positions = torch.arange(k_fetch, device=device)  # (k,)
+        positions = torch.arange(1, max_relevant + 1, device=device)  # (R_max,) ranks 1..R_max
         for rows, _, idx in _search(query_n, gallery_n, k_fetch, chunk_size, exclude_self):
             r = num_relevant[rows]  # (c,)
             hits = gallery_ids[idx] == query_ids[rows].unsqueeze(1)  # (c, k)
-            first_hit[rows] = torch.where(hits, positions, k_fetch).min(dim=1).values
-            cum_hits = hits.cumsum(dim=1)  # (c, k) hits within the first i+1 ranks
-            precision = cum_hits.double() / (positions + 1)  # (c, k)
-            in_r = positions < r.unsqueeze(1)  # (c, k)
+            # argmax returns the first maximum: the rank (0-based) of the first hit.
+            first = hits.to(torch.uint8).argmax(dim=1)
+            first_hit[rows] = torch.where(hits.any(dim=1), first, k_fetch)
+            if max_relevant == 0:
+                continue
+            # MAP@R and R-precision only look at the first R <= R_max ranks.
+            hits = hits[:, :max_relevant]  # (c, R_max)
+            cum_hits = hits.cumsum(dim=1)  # (c, R_max) hits within the first i ranks
+            in_r = positions <= r.unsqueeze(1)  # (c, R_max)
             r_safe = r.clamp(min=1).double()  # lone rows are masked out below
-            ap[rows] = (precision * (hits & in_r)).sum(dim=1) / r_safe
+            ap[rows] = (cum_hits.double() / positions).mul_(hits & in_r).sum(dim=1) / r_safe
             rp[rows] = cum_hits.gather(1, (r - 1).clamp(min=0).unsqueeze(1)).squeeze(1) / r_safe
 
     # Lone queries have no hit, so they are misses of Recall@K by construction.
