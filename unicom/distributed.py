@@ -74,7 +74,9 @@ def setup(device: str | torch.device | None = None, backend: str | None = None) 
         if backend is None:
             backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if backend == "nccl" else {}
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=60), **kwargs)
+        # Collectives wait for the slowest process (long embedding or extraction shards).
+        minutes = float(os.environ.get("UNICOM_DIST_TIMEOUT_MIN", 120))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=minutes), **kwargs)
     return device
 
 

@@ -1,0 +1,82 @@
+"""Embed every image(-text) sample for clustering: step 1 of cluster discrimination pretraining.
+
+    python extract_features.py --source clip --clip-model ViT-B-32 --clip-pretrained laion400m_e32 \\
+        --inputs 'laion/{00000..00099}.tar' --output features/
+    torchrun --nproc_per_node 8 extract_features.py --source clip --inputs 'laion/*.tar' --output features/
+    python extract_features.py --source pixels --inputs images/ --output features/
+
+Writes per input shard features_<shard>.npy (float16, L2-normalised), keys_<shard>.txt and
+meta_<shard>.json, then manifest.json. Rerun the same command to finish an interrupted run:
+finished shards are kept. Undecodable images are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from .. import distributed as dist
+from ..pretrain.features import FUSIONS, available_sources, build_source, extract_features
+from .common import PRECISION_CHOICES, resolve_precision, setup_logging
+
+logger = logging.getLogger("unicom.extract_features")
+
+# Which command-line option feeds which keyword of each source's builder.
+SOURCE_OPTIONS = {
+    "clip": {"model_name": "clip_model", "pretrained": "clip_pretrained"},
+    "unicom": {"model_name": "model_name"},
+    "pixels": {"size": "pixel_size"},
+}
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("extract_features", add_help=add_help, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", default="clip", choices=available_sources(), help="feature source (default: clip)")
+    p.add_argument("--inputs", nargs="+", required=True,
+                   help="tar shards (paths, 'shard-{000..009}.tar' patterns, globs) or one folder of images")
+    p.add_argument("--output", required=True, help="output folder (shared by all processes)")
+    p.add_argument("--fusion", default=None, choices=FUSIONS,
+                   help="clip: mean of image and caption features (default), image or text alone")
+    p.add_argument("--clip-model", "--clip_model", dest="clip_model", default="ViT-B-32",
+                   help="open_clip model name (default: ViT-B-32)")
+    p.add_argument("--clip-pretrained", "--clip_pretrained", dest="clip_pretrained", default="laion400m_e32",
+                   help="open_clip pretrained tag or weights file; 'none' for random weights")
+    p.add_argument("--model-name", "--model_name", dest="model_name", default="ViT-B/32",
+                   help="unicom source: a registered model name or a checkpoint path")
+    p.add_argument("--pixel-size", "--pixel_size", dest="pixel_size", type=int, default=16,
+                   help="pixels source: images are resized to this square size (feature size 3*s*s)")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=256,
+                   help="images per forward pass")
+    p.add_argument("--num-workers", "--num_workers", dest="num_workers", type=int, default=8,
+                   help="decoding processes per process (each reads whole shards)")
+    p.add_argument("--folder-shard-size", "--folder_shard_size", dest="folder_shard_size", type=int, default=10_000,
+                   help="folder input: images per virtual shard (the unit of resuming)")
+    p.add_argument("--device", default=None,
+                   help="cuda, cuda:1 or cpu (default: the local GPU when there is one, else the CPU)")
+    p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
+                   help="autocast precision of the forward pass; auto = fp16 on GPUs, fp32 on CPUs")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    device = dist.setup(args.device)
+    setup_logging()
+    try:
+        options = {key: getattr(args, arg) for key, arg in SOURCE_OPTIONS[args.source].items()}
+        if "pretrained" in options and str(options["pretrained"]).lower() in ("none", ""):
+            options["pretrained"] = None
+        source = build_source(args.source, device=device, **options)
+        manifest = extract_features(
+            source, args.inputs, args.output, args.batch_size, fusion=args.fusion,
+            precision=resolve_precision(args.precision, device), num_workers=args.num_workers,
+            folder_shard_size=args.folder_shard_size,
+        )
+        if dist.is_main_process():
+            print(f"{manifest['num_samples']} samples, {len(manifest['shards'])} shards, "
+                  f"{manifest['num_bad']} undecodable skipped, {manifest['num_without_caption']} without caption "
+                  f"-> {args.output}", flush=True)
+        return 0
+    finally:
+        dist.cleanup()
