@@ -15,6 +15,13 @@ similarities tie up to float32 rounding). On a machine with CUDA ours runs on th
 Run from the repository root (``python -m`` finds ``unicom`` without installing it):
     python -m benchmarks.bench_search --preset sop                 # 60,502 x 512, K = 1000
     python -m benchmarks.bench_search --preset inat --scale 0.25   # 34,023 of 136,093
+
+On a machine shared with other jobs, OpenMP's default spin-then-sleep wait can cost a
+scheduler slice (~8 ms here) at every parallel op whose second thread was descheduled,
+which penalises many small ops (ours) over few large ones (faiss). Setting
+``OMP_WAIT_POLICY=PASSIVE`` in the environment of the run removes that for all three;
+say which setting a reported number used. Methods run in turns (``--repeats`` rounds),
+so a load that drifts during the run hits them alike.
 """
 
 from __future__ import annotations
@@ -124,8 +131,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     k_max = max(ks)
     if k_max + 1 > num:
         raise SystemExit(f"need more than {k_max + 1} items, got {num}")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     torch.set_num_threads(args.threads)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -136,9 +146,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     x_np, labels_np = features.numpy(), labels.numpy()
     x_dev, labels_dev = features.to(device), labels.to(device)
 
-    print(f"{args.preset} x{args.scale:g}: {num} x {args.dim} float32, {num_classes} classes, "
-          f"Recall@{list(ks)} (search K+1 = {k_max + 1}), ours on {device}, {args.threads} CPU threads, "
-          f"chunk {args.chunk_size}, best of {args.repeats}")
+    print(
+        f"{args.preset} x{args.scale:g}: {num} x {args.dim} float32, {num_classes} classes, "
+        f"Recall@{list(ks)} (search K+1 = {k_max + 1}), ours on {device}, {args.threads} CPU threads, "
+        f"chunk {args.chunk_size}, best of {args.repeats}"
+    )
     try:
         from threadpoolctl import threadpool_info, threadpool_limits
 
@@ -191,8 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         differing_rows += rows
         tied = worst <= TIE_TOLERANCE
         ok &= tied
-        print(f"neighbour sets, ours vs {peer}: {rows} of {num} rows differ, max |sim - boundary| "
-              f"of differing items {worst:.1e} ({'ties only' if tied else 'MISMATCH'})")
+        print(
+            f"neighbour sets, ours vs {peer}: {rows} of {num} rows differ, max |sim - boundary| "
+            f"of differing items {worst:.1e} ({'ties only' if tied else 'MISMATCH'})"
+        )
     for name, recall in recalls.items():
         flipped = max(round(abs(recall[k] - metrics["recall"][k]) * num) for k in ks)
         # A tie resolved differently can change the outcome of its own query only.

@@ -18,7 +18,14 @@ import numpy as np
 import pytest
 import torch
 
-from unicom.metrics import knn_accuracy, knn_classify, knn_topk, merge_topk, retrieval_metrics
+from unicom.metrics import (
+    knn_accuracy,
+    knn_classify,
+    knn_topk,
+    knn_vote_accuracy,
+    merge_topk,
+    retrieval_metrics,
+)
 
 # ---------------------------------------------------------------------------------------
 # data
@@ -389,6 +396,23 @@ def test_knn_accuracy_fewer_than_five_classes():
     got = knn_accuracy(x[:50], y[:50], x[50:], y[50:], ks=(5,))
     assert got[5]["top5"] == 1.0  # top-min(5, C) = top-3 of 3 classes
     assert got[5] == pytest.approx(ref_knn(x[:50], y[:50], x[50:], y[50:], (5,), 0.07, 3)[5])
+
+
+def test_knn_vote_accuracy_on_merged_shards_equals_knn_accuracy():
+    # The sharded kNN path of the programs: search shards, merge, vote.
+    x, y = random_data(300, 8, seed=17)
+    train, train_labels, test, test_labels = x[:230], y[:230], x[230:], y[230:]
+    ks = (1, 5, 20)
+    bounds = [0, 70, 150, 230]
+    parts = [knn_topk(test, train[a:b], 20, chunk_size=9) for a, b in zip(bounds, bounds[1:])]
+    sims, idx = merge_topk(
+        torch.cat([s for s, _ in parts], dim=1), torch.cat([i + a for (_, i), a in zip(parts, bounds)], dim=1), 20
+    )
+    got = knn_vote_accuracy(sims, train_labels[idx], test_labels, ks, num_classes=8)
+    # fractions of counts: equal predictions give equal floats
+    assert got == knn_accuracy(train, train_labels, test, test_labels, ks, num_classes=8)
+    assert got == ref_knn(train, train_labels, test, test_labels, ks, 0.07, 8)
+    assert 0 < got[1]["top1"] < 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

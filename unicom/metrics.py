@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["retrieval_metrics", "knn_topk", "merge_topk", "knn_classify", "knn_accuracy", "knn_vote_accuracy"]
+__all__ = ["knn_accuracy", "knn_classify", "knn_topk", "knn_vote_accuracy", "merge_topk", "retrieval_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,22 +88,25 @@ def _block_size(num_gallery: int, k: int) -> int:
 
 
 def _select(block: Tensor, k: int, m: int) -> tuple[Tensor, Tensor]:
-    """The k largest values of each row of ``block`` (c, B * m), sorted descending.
+    """The k largest values of each row of ``block`` (c, m * B), sorted descending.
 
-    With m > 1 the row is cut into B blocks of m columns: the k blocks with the largest
-    maxima hold the k largest values (any value they miss is <= the k-th largest block
-    maximum, which is <= the k-th largest value, so it can only be a tie with it), and
-    the final topk runs over their k * m columns instead of the whole row. The values are
-    exactly those of a plain topk; only which of several equal k-th values is kept may
-    differ, and the caller resolves such ties anyway.
+    With m > 1 the columns fall into B blocks of m, block b holding columns b, b + B, ...:
+    the k blocks with the largest maxima hold the k largest values (any value they miss is
+    <= the k-th largest block maximum, which is <= the k-th largest value, so it can only
+    tie with it), and the final topk runs over their k * m columns instead of the whole
+    row. The values are exactly those of a plain topk; only which of several equal k-th
+    values is kept may differ, and the caller resolves such ties anyway. Strided blocks make
+    the maxima an elementwise max of m contiguous slices (vectorised, unlike a max over
+    short runs).
     """
     if m == 1:
         return torch.topk(block, k, dim=1, largest=True, sorted=True)
     rows, width = block.shape
-    maxima = block.view(rows, width // m, m).amax(dim=2)  # (c, B)
+    num_blocks = width // m
+    maxima = block.view(rows, m, num_blocks).amax(dim=1)  # (c, B)
     top_blocks = torch.topk(maxima, k, dim=1, sorted=False).indices  # (c, k)
-    offsets = torch.arange(m, device=block.device)
-    cols = (top_blocks.unsqueeze(2) * m + offsets).view(rows, k * m)  # (c, k*m) candidates
+    offsets = torch.arange(0, width, num_blocks, device=block.device)  # (m,)
+    cols = (top_blocks.unsqueeze(2) + offsets).view(rows, k * m)  # (c, k*m) candidates
     vals, pos = torch.topk(block.gather(1, cols), k, dim=1, largest=True, sorted=True)
     return vals, cols.gather(1, pos)
 
@@ -131,9 +134,7 @@ def _search(
     # CPUs. Rows are padded to 64 bytes, which speeds up the matmul writing into them, and
     # the padding columns hold -inf for good (the matmul only writes the first N).
     stride = -(-width // 16) * 16
-    buffer = torch.full(
-        (min(chunk_size, num_query), stride), float("-inf"), dtype=query.dtype, device=query.device
-    )
+    buffer = torch.full((min(chunk_size, num_query), stride), float("-inf"), dtype=query.dtype, device=query.device)
     tied_masks = [torch.zeros(0, dtype=torch.bool, device=query.device)]
     for start in range(0, num_query, chunk_size):
         stop = min(start + chunk_size, num_query)
@@ -148,7 +149,7 @@ def _search(
             vals, idx = vals[:, :k], idx[:, :k]
         order = _order_ties(vals, idx, num_gallery)  # ties inside the top k
         yield slice(start, stop), vals.gather(1, order), idx.gather(1, order)
-    del buffer, block
+    buffer = block = None  # free the (chunk, N) buffer before the second pass
 
     tied_rows = torch.cat(tied_masks).nonzero().squeeze(1)  # the pass's one host sync
     if tied_rows.numel():
@@ -183,7 +184,8 @@ def retrieval_metrics(
             space of ``query_labels``.
         ks: the K of Recall@K. A K beyond the number of rankable gallery items is clamped
             to it (Recall@K then asks whether any same-label item exists at all).
-        chunk_size: queries ranked at a time; memory is about chunk_size x N similarities.
+        chunk_size: queries ranked at a time; memory is about chunk_size x N similarities
+            plus Q x max(max(ks), max R) bools.
 
     Returns:
         ``{"recall": {k: float}, "map_at_r": float, "r_precision": float, "num_query": int,
@@ -232,27 +234,31 @@ def retrieval_metrics(
     k_fetch = min(max(max(ks), max_relevant), num_rankable)
     k_used = torch.tensor([min(k, k_fetch) for k in ks], device=device)  # (len(ks),)
 
-    # Per-query results stay on the device and are reduced once at the end, so the sums do
-    # not depend on chunking (bit-identical results for any chunk_size).
-    first_hit = torch.full((num_query,), k_fetch, dtype=torch.long, device=device)  # rank of 1st hit
+    # Same-label flags of each query's ranking, (Q, k) bools: small next to the search's
+    # chunk x N block. The metrics then take a few large ops rather than a few per chunk (on
+    # a busy CPU every parallel op can cost a scheduler slice), and as per-query values
+    # reduced once at the end they do not depend on chunk_size, to the last bit.
+    hits = torch.zeros(num_query, k_fetch, dtype=torch.bool, device=device)
+    if k_fetch > 0:
+        for rows, _, idx in _search(query_n, gallery_n, k_fetch, chunk_size, exclude_self):
+            hits[rows] = gallery_ids[idx] == query_ids[rows].unsqueeze(1)  # (c, k)
+    # argmax returns the first maximum: the 0-based rank of the first hit.
+    first_hit = torch.full((num_query,), k_fetch, dtype=torch.long, device=device)
+    if k_fetch > 0:
+        first_hit = torch.where(hits.any(dim=1), hits.to(torch.uint8).argmax(dim=1), first_hit)
     ap = torch.zeros(num_query, dtype=torch.float64, device=device)  # AP@R
     rp = torch.zeros(num_query, dtype=torch.float64, device=device)  # R-precision
-    if k_fetch > 0:
+    if max_relevant > 0:
         positions = torch.arange(1, max_relevant + 1, device=device)  # (R_max,) ranks 1..R_max
-        for rows, _, idx in _search(query_n, gallery_n, k_fetch, chunk_size, exclude_self):
+        step = max(1, (1 << 24) // max_relevant)  # bounds the (rows, R_max) temporaries
+        for start in range(0, num_query, step):
+            rows = slice(start, start + step)
             r = num_relevant[rows]  # (c,)
-            hits = gallery_ids[idx] == query_ids[rows].unsqueeze(1)  # (c, k)
-            # argmax returns the first maximum: the rank (0-based) of the first hit.
-            first = hits.to(torch.uint8).argmax(dim=1)
-            first_hit[rows] = torch.where(hits.any(dim=1), first, k_fetch)
-            if max_relevant == 0:
-                continue
-            # MAP@R and R-precision only look at the first R <= R_max ranks.
-            hits = hits[:, :max_relevant]  # (c, R_max)
-            cum_hits = hits.cumsum(dim=1)  # (c, R_max) hits within the first i ranks
+            top = hits[rows, :max_relevant]  # (c, R_max): MAP@R and R-precision stop at R
+            cum_hits = top.cumsum(dim=1)  # (c, R_max) hits within the first i ranks
             in_r = positions <= r.unsqueeze(1)  # (c, R_max)
             r_safe = r.clamp(min=1).double()  # lone rows are masked out below
-            ap[rows] = (cum_hits.double() / positions).mul_(hits & in_r).sum(dim=1) / r_safe
+            ap[rows] = (cum_hits.double() / positions).mul_(top & in_r).sum(dim=1) / r_safe
             rp[rows] = cum_hits.gather(1, (r - 1).clamp(min=0).unsqueeze(1)).squeeze(1) / r_safe
 
     # Lone queries have no hit, so they are misses of Recall@K by construction.
@@ -329,9 +335,7 @@ def merge_topk(sims: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return sims[:, :k], indices[:, :k]
 
 
-def knn_classify(
-    sims: Tensor, neighbour_labels: Tensor, num_classes: int, temperature: float = 0.07
-) -> Tensor:
+def knn_classify(sims: Tensor, neighbour_labels: Tensor, num_classes: int, temperature: float = 0.07) -> Tensor:
     """Class scores of DINO's weighted kNN vote.
 
     Args:
