@@ -40,9 +40,9 @@ logger = logging.getLogger("unicom.finetune")
 CHECKPOINTS = "checkpoints"
 
 
-def add_train_args(p: argparse.ArgumentParser) -> None:
-    """The published fine-tuning flags (names kept) and a few of ours."""
-    g = p.add_argument_group("fine-tuning (without --eval)")
+def add_train_args(p: argparse.ArgumentParser, title: str = "fine-tuning (without --eval)") -> None:
+    """The published fine-tuning flags (names kept) and a few of ours (also used by pretraining)."""
+    g = p.add_argument_group(title)
     g.add_argument("--epochs", type=int, default=32)
     g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of the backbone")
     g.add_argument("--lr_pfc_weight", type=float, default=5.0, help="the class centres get lr * lr_pfc_weight")

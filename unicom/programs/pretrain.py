@@ -1,0 +1,391 @@
+"""Cluster discrimination pretraining: a ViT from random weights on pseudo labels (step 3).
+
+    python pretrain.py --train-shards 'laion/{00000..00099}.tar' --labels clusters/ \\
+        --model ViT-B/32 --sample_rate 0.1 --output runs/pretrain
+    torchrun --nproc_per_node 8 pretrain.py --train-shards 'laion/*.tar' --labels clusters/ ...
+    python pretrain.py --train-shards images/ --labels clusters/ --model ViT-B/32 --input-size 32 ...
+    python pretrain.py --dataset digits --labels clusters/ --input-size 32 --patch-size 4 --dim 64 ...
+
+Input: webdataset tar shards or one folder of images (streamed, see
+unicom/pretrain/dataset.py), or the training split of a registered dataset (``--dataset``,
+its true labels never read). Pseudo labels are looked up by sample key: ``--labels`` is the
+output of cluster.py (labels.npy, stats.json), and the keys come from the features folder it
+clustered (``--features``; default: the one recorded in stats.json).
+
+Training: margin softmax with Partial FC (``--sample_rate`` of the class centres and
+``--num_feat`` of the embedding dimensions per step), DDP with summed gradients, mixed
+precision (``--precision``), gradient accumulation, AdamW, a one-cycle or cosine schedule.
+An epoch is ``--samples-per-epoch`` samples (default: every clustered sample once) in whole
+batches on every process; a process whose shards run out first reads them again in a new
+shuffle, so every process takes the same number of steps.
+
+Outputs: ``<output>/model_last.pt`` (loads with ``unicom.load``; evaluate it with
+``retrieval.py --eval`` or ``knn.py``), ``results.json`` (per-epoch mean loss, and
+Recall@K / MAP@R on ``--eval-dataset`` when given), and checkpoints as in fine-tuning:
+``--resume auto`` continues a killed run (exactly, from epoch checkpoints; from
+``--save-every`` checkpoints the data order is exact and random augmentation is exact with
+``--num_workers`` > 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from .. import distributed as dist
+from ..checkpoint import save_model
+from ..data import load_retrieval_dataset
+from ..data.registry import available_datasets
+from ..embed import autocast_for
+from ..factory import create_model
+from ..losses import CombinedMarginLoss, PartialFC
+from ..model import VisionTransformer
+from ..pretrain.dataset import InMemoryReader, PseudoLabels, PseudoLabelStream, ShardReader
+from ..transforms import eval_transform, train_transform
+from .common import add_runtime_args, resolve_precision, setup_logging, write_json
+from .finetune import (
+    CHECKPOINTS,
+    StepLogger,
+    _allreduce_sum_hook,
+    _check_finite,
+    add_train_args,
+    build_optimizer,
+    find_resume,
+    load_checkpoint,
+    save_checkpoint,
+    unwrap,
+)
+
+logger = logging.getLogger("unicom.pretrain")
+
+# Explicit architecture flags -> VisionTransformer keyword; each overrides the --model config.
+ARCH_FLAGS = {"input_size": "input_size", "patch_size": "patch_size", "dim": "dim", "depth": "depth",
+              "heads": "num_heads", "embedding_size": "embedding_size"}
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("pretrain", add_help=add_help, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model (random weights)")
+    g.add_argument("--model", default="ViT-B/32", help="registered architecture to start from (default: ViT-B/32)")
+    g.add_argument("--input-size", "--input_size", dest="input_size", type=int, default=None)
+    g.add_argument("--patch-size", "--patch_size", dest="patch_size", type=int, default=None)
+    g.add_argument("--dim", type=int, default=None, help="transformer width")
+    g.add_argument("--depth", type=int, default=None, help="transformer blocks")
+    g.add_argument("--heads", type=int, default=None, help="attention heads")
+    g.add_argument("--embedding-size", "--embedding_size", dest="embedding_size", type=int, default=None)
+
+    g = p.add_argument_group("input")
+    g.add_argument("--train-shards", "--train_shards", dest="train_shards", nargs="+", default=None,
+                   help="webdataset tar shards (paths, 'shards/{000..099}.tar', globs) or one folder of images")
+    g.add_argument("--dataset", default=None,
+                   help=f"instead: the train split of a registered dataset ({', '.join(available_datasets())}), "
+                        "its labels unused")
+    g.add_argument("--data-root", "--data_root", dest="data_root", default="data")
+    g.add_argument("--labels", required=True, help="output folder of cluster.py (labels.npy, stats.json)")
+    g.add_argument("--features", default=None,
+                   help="the features folder that was clustered (its keys); default: recorded in stats.json")
+    g.add_argument("--folder-shard-size", "--folder_shard_size", dest="folder_shard_size", type=int, default=10_000,
+                   help="folder input: images per unit; the feature run's value gives per-shard label lookups")
+    g.add_argument("--shuffle-buffer", "--shuffle_buffer", dest="shuffle_buffer", type=int, default=1000,
+                   help="samples mixed at once per data loading worker")
+    g.add_argument("--samples-per-epoch", "--samples_per_epoch", dest="samples_per_epoch", type=int, default=None,
+                   help="samples in one epoch over all processes (default: the number of clustered samples)")
+
+    p.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=128,
+                   help="images per process per micro-batch")
+    p.add_argument("--num_workers", "--num-workers", dest="num_workers", type=int, default=8,
+                   help="data loading processes per process")
+    p.add_argument("--num_feat", type=int, default=None,
+                   help="Partial FC feature sampling: dimensions used per step (default: all)")
+    p.add_argument("--lr-schedule", "--lr_schedule", dest="lr_schedule", default="onecycle",
+                   choices=["onecycle", "cosine"], help="per optimiser step; both warm up over the first 10%%")
+    p.add_argument("--save-every", "--save_every", dest="save_every", type=int, default=0,
+                   help="also checkpoint every N optimiser steps within an epoch (0: at epoch ends only)")
+    p.add_argument("--eval-dataset", "--eval_dataset", dest="eval_dataset", default=None,
+                   help="after each epoch, zero-shot retrieval on this dataset's test split (e.g. digits)")
+    p.add_argument("--chunk-size", "--chunk_size", dest="chunk_size", type=int, default=1024,
+                   help="evaluation: queries searched at once")
+    p.add_argument("--output", default="output", help="folder for model_last.pt, results.json, checkpoints")
+    p.add_argument("--seed", type=int, default=1024)
+    add_runtime_args(p)
+    add_train_args(p, title="training")
+    # Published pretraining values where they differ from fine-tuning's.
+    p.set_defaults(drop_path_rate=0.1, sample_rate=0.1, lr=1e-3, weight_decay=0.05, epochs=32, transform="timm")
+    return p
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def build_model(args) -> VisionTransformer:
+    """The architecture of ``--model`` with the explicit flags' overrides, random weights seeded
+    with ``--seed`` (the same on every process; DDP broadcasts rank 0's anyway)."""
+    overrides = {key: getattr(args, flag) for flag, key in ARCH_FLAGS.items() if getattr(args, flag) is not None}
+    output_dim = getattr(args, "output_dim", None)
+    if output_dim is not None and overrides.setdefault("embedding_size", output_dim) != output_dim:
+        raise ValueError("--output_dim and --embedding-size disagree")
+    torch.manual_seed(args.seed)
+    return create_model(args.model, drop_path_rate=args.drop_path_rate, **overrides)
+
+
+def build_train_data(args, transform) -> tuple[PseudoLabelStream, PseudoLabels]:
+    """The streamed training input and its pseudo labels."""
+    if (args.train_shards is None) == (args.dataset is None):
+        raise ValueError("give exactly one of --train-shards and --dataset")
+    labels = PseudoLabels(args.labels, args.features)
+    if args.train_shards is not None:
+        reader = ShardReader.from_inputs(args.train_shards, transform, args.folder_shard_size)
+    else:
+        split = load_retrieval_dataset(args.dataset, args.data_root, "train", transform, args.skip_bad_images)
+        # small units so that every process and worker gets several
+        unit = max(1, min(256, len(split.query) // (8 * dist.get_world_size())))
+        reader = InMemoryReader(split.query, unit_size=unit, name=f"{args.dataset}-train")
+    if len(reader) < dist.get_world_size():
+        raise ValueError(f"{len(reader)} input shard(s) for {dist.get_world_size()} processes: every process "
+                         "needs at least one")
+    return PseudoLabelStream(reader, labels, args.seed, args.shuffle_buffer), labels
+
+
+def _rebatch(batches, size: int):
+    """Exact batches of ``size`` from the loader's (images, labels) batches of any size.
+
+    Each loader worker ends its pass with a short batch; joining them keeps every sample.
+    """
+    images: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    n = 0
+    for x, y in batches:
+        images.append(x)
+        labels.append(y)
+        n += y.shape[0]
+        while n >= size:
+            x_all, y_all = torch.cat(images), torch.cat(labels)  # (n, C, H, W), (n,)
+            yield x_all[:size], y_all[:size]
+            images, labels, n = [x_all[size:]], [y_all[size:]], n - size
+
+
+def epoch_batches(stream: PseudoLabelStream, epoch: int, num_batches: int, args, pin: bool, skip: int = 0):
+    """This process's ``num_batches`` micro-batches of ``epoch``, leaving out the first ``skip``.
+
+    The data is a pure function of (seed, epoch, rank): data loading workers are seeded from
+    a generator of those, not from the global RNG, so a resumed epoch reads the same batches.
+    """
+    produced, repeat = 0, 0
+    while produced < num_batches:
+        stream.set_epoch(epoch, repeat)
+        seed = int(np.random.SeedSequence([args.seed, epoch, repeat, stream.rank]).generate_state(1)[0])
+        loader = DataLoader(stream, batch_size=args.batch_size, num_workers=args.num_workers, pin_memory=pin,
+                            generator=torch.Generator().manual_seed(seed), persistent_workers=False)
+        got = 0
+        for batch in _rebatch(loader, args.batch_size):
+            got += 1
+            if produced >= skip:
+                yield batch
+            produced += 1
+            if produced == num_batches:
+                return
+        if got == 0:
+            raise RuntimeError(f"rank {stream.rank}: no labelled image in its {len(stream.units())} shard(s); "
+                               "check --labels/--features against the input")
+        repeat += 1
+        logger.info("epoch %d: this process's shards ran out after %d of %d batches; reading them again "
+                    "(new shuffle)", epoch + 1, produced, num_batches)
+
+
+def build_scheduler(args, optimizer, total_steps: int):
+    max_lr = [args.lr, args.lr * args.lr_pfc_weight]
+    if args.lr_schedule == "onecycle":
+        # OneCycleLR divides by pct_start * total - 1: avoid exactly one warm-up step (see finetune)
+        pct_start = 0.1 if 0.1 * total_steps != 1 else 0.1 + 1e-6
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=max(total_steps, 1),
+                                                   pct_start=pct_start)
+    warmup = max(int(0.1 * total_steps), 1)
+
+    def factor(step: int) -> float:  # linear warm-up, then half a cosine down to zero
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(step - warmup, total_steps - warmup) / max(total_steps - warmup, 1)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _eval_args(args) -> argparse.Namespace:
+    """What retrieval.evaluate/report read, for the model being trained: the whole embedding
+    (Partial FC's --num_feat picks random dimensions per step, not a prefix to evaluate)."""
+    return argparse.Namespace(**{**vars(args), "model_name": str(Path(args.output) / "model_last.pt"),
+                                 "num_feat": None})
+
+
+def _load_history(output: Path, epochs_done: int) -> list[dict]:
+    path = output / "results.json"
+    if epochs_done == 0 or not path.is_file():
+        return []
+    return [e for e in json.loads(path.read_text()).get("history", []) if e["epoch"] <= epochs_done]
+
+
+def train(args, device: torch.device) -> int:
+    """Pretrain a ViT from random weights on pseudo labels; see the module docstring."""
+    from .retrieval import evaluate, report
+
+    if args.gradient_acc < 1:
+        raise ValueError("--gradient_acc must be >= 1")
+    output = Path(args.output)
+    precision = resolve_precision(args.precision, device)
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("--precision fp16 training needs a GPU; use bf16 or fp32 on the CPU")
+
+    model = build_model(args)
+    config = model.config
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(args.seed + rank)
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    if args.num_feat is not None and not 0 < args.num_feat <= config.embedding_size:
+        raise ValueError(f"--num_feat must be in 1..{config.embedding_size}")
+    model.set_grad_checkpointing(args.grad_checkpointing)
+    n_px = config.input_size
+    if args.transform == "timm":
+        tf_train = train_transform(n_px, "timm", color_jitter=args.color_jitter, auto_augment=args.aa,
+                                   re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
+    else:
+        tf_train = train_transform(n_px, "origin_clip")
+    stream, labels = build_train_data(args, tf_train)
+    test_data = None
+    if args.eval_dataset:
+        test_data = load_retrieval_dataset(args.eval_dataset, args.data_root, "test", eval_transform(n_px),
+                                           args.skip_bad_images)
+
+    samples = args.samples_per_epoch or labels.num_samples
+    micro_per_epoch = samples // (world * args.batch_size)
+    if micro_per_epoch == 0:
+        raise ValueError(f"{samples} samples per epoch are too few for {world} process(es) x batch size "
+                         f"{args.batch_size}")
+    steps_per_epoch = math.ceil(micro_per_epoch / args.gradient_acc)
+    total_steps = args.epochs * steps_per_epoch
+    logger.info("%d pseudo classes, %d samples per epoch: %d optimiser steps per epoch, %d in all; model %s",
+                labels.num_classes, samples, steps_per_epoch, total_steps, config)
+
+    model = model.to(device).train()
+    if world > 1 and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ddp = model
+    if world > 1:
+        ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        ddp.register_comm_hook(None, _allreduce_sum_hook)
+    margin = CombinedMarginLoss(args.margin_loss_s, args.margin_loss_m1, args.margin_loss_m2, args.margin_loss_m3)
+    pfc = PartialFC(margin, config.embedding_size, labels.num_classes, args.sample_rate, args.num_feat).to(device)
+    optimizer = build_optimizer(args, model, pfc)
+    scheduler = build_scheduler(args, optimizer, total_steps)
+    scaler = torch.amp.GradScaler(device.type, growth_interval=200) if precision == "fp16" else None
+
+    start_epoch, step, best = 0, 0, -1.0
+    if args.resume:
+        folder = find_resume(args.resume, output)
+        if folder is not None:
+            start_epoch, step, best = load_checkpoint(folder, model, pfc, optimizer, scheduler, scaler)
+    history = _load_history(output, start_epoch)
+
+    log = StepLogger(args.log_every, total_steps, args.batch_size * args.gradient_acc * world)
+    pin = device.type == "cuda"
+    for epoch in range(start_epoch, args.epochs):
+        ddp.train()
+        pfc.train()
+        done_in_epoch = step - epoch * steps_per_epoch  # > 0 when resuming a --save-every checkpoint
+        if done_in_epoch:
+            logger.info("epoch %d: skipping the %d optimiser steps already done", epoch + 1, done_in_epoch)
+        loss_sum = torch.zeros((), device=device)
+        epoch_loss = torch.zeros(2, dtype=torch.float64, device=device)  # (sum, count) over the epoch
+        count = 0
+        finite = torch.ones((), dtype=torch.bool, device=device)
+        micro = done_in_epoch * args.gradient_acc
+        for images, targets in epoch_batches(stream, epoch, micro_per_epoch, args, pin, skip=micro):
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            micro += 1
+            last_micro = micro % args.gradient_acc == 0 or micro == micro_per_epoch
+            sync = contextlib.nullcontext() if last_micro or ddp is model else ddp.no_sync()
+            with sync:
+                with autocast_for(device, precision):
+                    embeddings = ddp(images)  # (B, embedding_size)
+                loss = pfc(embeddings.float(), targets)
+                scaled = loss / args.gradient_acc
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            finite &= torch.isfinite(loss.detach())
+            loss_sum += loss.detach()
+            epoch_loss += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
+            count += 1
+            if not last_micro:
+                continue
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            if step % args.log_every == 0 or step == total_steps:
+                _check_finite(finite, loss_sum, epoch, step)
+                log(step, loss_sum, count, scheduler)
+                loss_sum.zero_()
+                count = 0
+            if args.save_every and step % args.save_every == 0 and step < (epoch + 1) * steps_per_epoch:
+                _check_finite(finite, loss_sum, epoch, step)
+                save_checkpoint(output / CHECKPOINTS / f"epoch_{epoch:04d}_step_{step:09d}", ddp, pfc, optimizer,
+                                scheduler, scaler, epoch, step, best, args)
+        _check_finite(finite, loss_sum, epoch, step)
+
+        # PartialFC's loss is already the mean over all processes' samples: average the means
+        entry = {"epoch": epoch + 1, "step": step, "loss": float(epoch_loss[0] / max(float(epoch_loss[1]), 1))}
+        if test_data is not None:
+            result = evaluate(unwrap(ddp), test_data, _eval_args(args), device, precision)
+            best = max(best, result["recall"][test_data.ks[0]])
+            entry.update(recall={str(k): 100.0 * v for k, v in result["recall"].items()},
+                         map_at_r=100.0 * result["map_at_r"])
+        history.append(entry)
+        if dist.is_main_process():
+            save_model(unwrap(ddp), output / "model_last.pt")
+            logger.info("epoch %d/%d: mean loss %.4f", epoch + 1, args.epochs, entry["loss"])
+            if test_data is not None:
+                report(result, test_data, _eval_args(args))  # prints the table
+            write_json(_record(args, labels, config, history, world), output / "results.json")
+        save_checkpoint(output / CHECKPOINTS / f"epoch_{epoch + 1:04d}", ddp, pfc, optimizer, scheduler, scaler,
+                        epoch + 1, step, best, args)
+    if dist.is_main_process():
+        if not (output / "model_last.pt").exists():  # --epochs 0: the random initialisation
+            save_model(unwrap(ddp), output / "model_last.pt")
+        write_json(_record(args, labels, config, history, world), output / "results.json")
+    dist.barrier()
+    return 0
+
+
+def _record(args, labels: PseudoLabels, config, history: list[dict], world: int) -> dict:
+    return {
+        "labels": str(args.labels), "num_classes": labels.num_classes, "num_clustered": labels.num_samples,
+        "config": config.to_dict(), "sample_rate": args.sample_rate, "num_feat": args.num_feat,
+        "world_size": world, "epochs": len(history) and history[-1]["epoch"], "history": history,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    device = dist.setup(args.device)
+    setup_logging()
+    try:
+        return train(args, device)
+    finally:
+        dist.cleanup()
