@@ -256,6 +256,23 @@ class StepLogger:
                     loss_sum.item() / max(count, 1), lrs, rate, time.strftime("%H:%M:%S", time.gmtime(left)))
 
 
+def backward(loss: torch.Tensor, gradient_acc: int, scaler) -> None:
+    """Backward of one micro-batch's share of the accumulated loss (scaled for fp16)."""
+    scaled = loss / gradient_acc
+    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+
+
+def optimizer_step(optimizer, scheduler, scaler) -> None:
+    """Apply the accumulated gradients (through the scaler with fp16), clear them, advance the schedule."""
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+
+
 def build_optimizer(args, model, pfc) -> torch.optim.Optimizer:
     groups = [
         {"params": [p for p in model.parameters() if p.requires_grad], "lr": args.lr},
@@ -353,20 +370,13 @@ def train(args, device: torch.device) -> int:
                 with autocast_for(device, precision):
                     embeddings = ddp(images)
                 loss = pfc(embeddings.float(), labels)
-                scaled = loss / args.gradient_acc
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                backward(loss, args.gradient_acc, scaler)
             finite &= torch.isfinite(loss.detach())
             loss_sum += loss.detach()
             count += 1
             if not last_micro:
                 continue
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            optimizer_step(optimizer, scheduler, scaler)
             step += 1
             if step % args.log_every == 0 or step == total_steps:
                 _check_finite(finite, loss_sum, epoch, step)

@@ -59,9 +59,11 @@ from .finetune import (
     _allreduce_sum_hook,
     _check_finite,
     add_train_args,
+    backward,
     build_optimizer,
     find_resume,
     load_checkpoint,
+    optimizer_step,
     save_checkpoint,
     unwrap,
 )
@@ -322,21 +324,14 @@ def train(args, device: torch.device) -> int:
                 with autocast_for(device, precision):
                     embeddings = ddp(images)  # (B, embedding_size)
                 loss = pfc(embeddings.float(), targets)
-                scaled = loss / args.gradient_acc
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                backward(loss, args.gradient_acc, scaler)
             finite &= torch.isfinite(loss.detach())
             loss_sum += loss.detach()
             epoch_loss += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
             count += 1
             if not last_micro:
                 continue
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            optimizer_step(optimizer, scheduler, scaler)
             step += 1
             if step % args.log_every == 0 or step == total_steps:
                 _check_finite(finite, loss_sum, epoch, step)
