@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from . import distributed as dist
 
-__all__ = ["Embeddings", "embed_loader", "gather_embeddings", "autocast_for"]
+__all__ = ["Embeddings", "autocast_for", "embed_loader", "gather_embeddings"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,9 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+Preprocess = Callable[[Any, torch.Tensor, torch.device], "tuple[torch.Tensor, torch.Tensor]"]
+
+
 @torch.no_grad()
 def embed_loader(
     model: torch.nn.Module,
@@ -58,16 +63,27 @@ def embed_loader(
     device: torch.device,
     precision: str = "fp32",
     desc: str = "embedding",
+    preprocess: Preprocess | None = None,
 ) -> Embeddings:
     """Run ``model`` over a loader of ``(images, labels, indices, ok)`` batches on ``device``.
 
-    Results stay on ``device``: no per-batch host round trip.
+    ``preprocess(images, ok, device) -> (images, ok)`` turns a loader batch into model input on
+    ``device`` (e.g. :meth:`unicom.data.fast.InputPipeline.to_device`: uint8 pixels normalised
+    there); by default the images are moved as they are. Inputs are cast to the dtype of the
+    model's weights (``load(..., precision="fp16")``). Results stay on ``device``: no
+    per-batch host round trip.
     """
     model.eval()
+    weight_dtype = _weight_dtype(model)
     features, labels, indices, oks = [], [], [], []
     batches = tqdm(loader, desc=desc, disable=not dist.is_main_process(), leave=False)
     for images, batch_labels, batch_indices, batch_ok in batches:
-        images = images.to(device, non_blocking=True)
+        if preprocess is None:
+            images = images.to(device, non_blocking=True)
+        else:
+            images, batch_ok = preprocess(images, batch_ok, device)
+        if images.is_floating_point() and images.dtype != weight_dtype:
+            images = images.to(weight_dtype)
         with autocast_for(device, precision):
             out = model(images)
         features.append(out.float())
@@ -85,10 +101,20 @@ def embed_loader(
     return Embeddings(torch.cat(features), torch.cat(labels).long(), torch.cat(indices).long(), torch.cat(oks).bool())
 
 
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    model = getattr(model, "module", model)  # DDP
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
 def _embedding_size(model: torch.nn.Module) -> int:
-    model = getattr(model, "module", model)
-    model = getattr(model, "_orig_mod", model)
-    return model.config.embedding_size
+    return _unwrap(model).config.embedding_size
+
+
+def _weight_dtype(model: torch.nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
 
 
 def gather_embeddings(local: Embeddings) -> Embeddings:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .. import distributed as dist
+from ..data.fast import DECODE_CHOICES
 
 PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16")
 
@@ -43,5 +44,8 @@ def add_runtime_args(parser) -> None:
                         help="cuda, cuda:1 or cpu (default: the local GPU when there is one, else the CPU)")
     parser.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                         help="autocast precision for the forward pass; auto = fp16 on GPUs, fp32 on CPUs")
+    parser.add_argument("--decode", default="exact", choices=DECODE_CHOICES,
+                        help="input pipeline: exact (default) and device-resize give the published pixels; "
+                             "draft, tv and device-decode (nvJPEG on GPUs) are faster and change pixels slightly")
     parser.add_argument("--skip-bad-images", "--skip_bad_images", dest="skip_bad_images", action="store_true",
                         help="leave undecodable images out (counted in the results) instead of stopping")

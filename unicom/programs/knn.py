@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from .. import distributed as dist
-from ..data import load_image_folder, sharded_loader
+from ..data import load_image_folder
+from ..data.fast import embedding_loader
 from ..embed import Embeddings, embed_loader, gather_embeddings
 from ..factory import load
 from ..metrics import knn_topk, knn_vote_accuracy, merge_topk
@@ -107,11 +108,10 @@ def few_shot_subset(labels: torch.Tensor, valid: torch.Tensor, n_per_class: int,
 def evaluate(model, train_set, val_set, args, device, precision) -> dict:
     """kNN accuracies for each k (and each few-shot subset), as fractions."""
     start = time.perf_counter()
-    pin = device.type == "cuda"
-    train = embed_loader(model, sharded_loader(train_set, args.batch_size, args.num_workers, pin_memory=pin),
-                         device, precision, desc="train").valid()
-    val = gather_embeddings(embed_loader(model, sharded_loader(val_set, args.batch_size, args.num_workers,
-                                                               pin_memory=pin), device, precision, desc="val"))
+    loader, preprocess = embedding_loader(train_set, args.decode, args.batch_size, args.num_workers, device)
+    train = embed_loader(model, loader, device, precision, desc="train", preprocess=preprocess).valid()
+    loader, preprocess = embedding_loader(val_set, args.decode, args.batch_size, args.num_workers, device)
+    val = gather_embeddings(embed_loader(model, loader, device, precision, desc="val", preprocess=preprocess))
     seconds_embed = time.perf_counter() - start
     num_train = int(dist.all_reduce_sum(torch.tensor([train.features.shape[0]], device=device)).item())
     skipped_train = len(train_set) - num_train

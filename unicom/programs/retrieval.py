@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from .. import distributed as dist
-from ..data import RetrievalDataset, load_retrieval_dataset, sharded_loader
+from ..data import RetrievalDataset, load_retrieval_dataset
+from ..data.fast import embedding_loader
 from ..data.registry import available_datasets
 from ..embed import Embeddings, embed_loader, gather_embeddings
 from ..factory import load
@@ -53,8 +54,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def embed_dataset(model, dataset, args, device, precision: str, desc: str) -> Embeddings:
     """Embed ``dataset`` sharded across processes; every process gets all rows, in dataset order."""
-    loader = sharded_loader(dataset, args.batch_size, args.num_workers, pin_memory=device.type == "cuda")
-    gathered = gather_embeddings(embed_loader(model, loader, device, precision, desc=desc))
+    loader, preprocess = embedding_loader(dataset, args.decode, args.batch_size, args.num_workers, device)
+    gathered = gather_embeddings(embed_loader(model, loader, device, precision, desc=desc, preprocess=preprocess))
     order = torch.arange(len(dataset), device=gathered.indices.device)
     if not torch.equal(gathered.indices, order):
         raise RuntimeError("internal error: gathered embeddings are not in dataset order")

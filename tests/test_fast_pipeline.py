@@ -1,0 +1,417 @@
+"""Fast input pipelines (``unicom.data.fast``) against the published float transform.
+
+The exact paths must give the very pixels, and the very float tensors, of the published
+``Resize -> CenterCrop -> RGB -> ToTensor -> Normalize`` on real photographs (scikit-learn's
+sample images) of many sizes and modes; the pixel-changing options must stay close. Files are
+real JPEG and PNG files on disk, loaded by real DataLoader worker processes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.datasets import load_sample_images
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import synthetic_datasets as synth  # noqa: E402
+from published_vit import PublishedViT  # noqa: E402
+
+import unicom  # noqa: E402
+from unicom.checkpoint import save_model  # noqa: E402
+from unicom.data import BadImageError, ImageDataset, sharded_loader  # noqa: E402
+from unicom.data.fast import (  # noqa: E402
+    DECODE_CHOICES,
+    InputPipeline,
+    _pillow_order_rule,
+    _resize_group,
+    embedding_loader,
+    eval_transform_uint8,
+    normalization_table,
+    normalize_on_device,
+    pillow_resize_crop,
+    pipeline_loader,
+    resized_size,
+)
+from unicom.embed import embed_loader  # noqa: E402
+from unicom.transforms import MEAN, STD, eval_transform, train_transform  # noqa: E402
+from unicom.transforms import test_transform as finetune_test_transform  # noqa: E402  (not a test)
+
+# torchvision 0.29 deprecates its decoders in favour of TorchCodec; they still work, and are what we test.
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
+
+CPU = torch.device("cpu")
+# Per-channel std in 0-255 units: turns a difference of normalised values back into pixels.
+PIXEL = torch.tensor(STD).view(1, 3, 1, 1) * 255
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[Image.Image]:
+    return [Image.fromarray(a) for a in load_sample_images().images]  # china, flower: 640x427 RGB
+
+
+def crops(photos, count: int, max_w: int, max_h: int, seed: int, min_side: int = 3) -> list[Image.Image]:
+    """Random crops (any aspect ratio, down to a few pixels) of the sample photographs."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        image = photos[i % 2]
+        w, h = int(rng.integers(min_side, max_w + 1)), int(rng.integers(min_side, max_h + 1))
+        x0, y0 = int(rng.integers(0, 640 - w + 1)), int(rng.integers(0, 427 - h + 1))
+        out.append(image.crop((x0, y0, x0 + w, y0 + h)))
+    return out
+
+
+def as_mode(image: Image.Image, mode: str) -> Image.Image:
+    if mode == "P":
+        return image.quantize(64)
+    if mode == "I;16":
+        return Image.fromarray(np.asarray(image.convert("L"), dtype=np.uint16) * 257)
+    return image.convert(mode)
+
+
+# ----------------------------------------------------------------------------- device-side normalisation
+
+
+def test_table_is_the_published_tail_for_every_value():
+    """Each of the 256 values of each channel: ToTensor + Normalize == the table, bit for bit."""
+    rng = np.random.default_rng(0)
+    values = np.stack([rng.permutation(256) for _ in range(3)], axis=-1).astype(np.uint8).reshape(16, 16, 3)
+    image = Image.fromarray(values, mode="RGB")
+    expected = eval_transform(16).transforms[-1](eval_transform(16).transforms[-2](image))  # Normalize(ToTensor)
+    pixels = torch.from_numpy(values).permute(2, 0, 1)[None].contiguous()
+    for lookup in (True, False):  # the table (other devices) and the ops (CPU)
+        assert torch.equal(normalize_on_device(pixels, lookup=lookup)[0], expected)
+    table = normalization_table()
+    assert table.shape == (3, 256) and table.dtype == torch.float32
+    # and the arithmetic it stands for, in float64, to float32 rounding
+    ref = (torch.arange(256, dtype=torch.float64) / 255 - torch.tensor(MEAN, dtype=torch.float64)[:, None]) / \
+        torch.tensor(STD, dtype=torch.float64)[:, None]
+    assert torch.allclose(table.double(), ref, rtol=0, atol=1e-6)
+
+
+def test_normalize_rejects_float_input():
+    with pytest.raises(ValueError, match="uint8"):
+        normalize_on_device(torch.zeros(1, 3, 4, 4))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "CMYK", "I;16", "LA"])
+def test_uint8_transform_then_table_is_the_published_transform(photos, mode):
+    """eval_transform_uint8 + normalize_on_device == eval_transform (torch.equal) on real photos."""
+    for image in crops(photos, 6, 640, 427, seed=len(mode)) + [photos[0], photos[1].resize((224, 300))]:
+        image = as_mode(image, mode)
+        for n_px, resize in ((224, None), (32, 36)):
+            published = eval_transform(n_px) if resize is None else finetune_test_transform(n_px)
+            expected = published(image)
+            pixels = eval_transform_uint8(n_px, resize)(image)
+            assert pixels.dtype == torch.uint8 and pixels.shape == (3, n_px, n_px)
+            assert torch.equal(normalize_on_device(pixels[None], lookup=True)[0], expected), (mode, image.size, n_px)
+            assert torch.equal(normalize_on_device(pixels[None])[0], expected), (mode, image.size, n_px)
+
+
+# ----------------------------------------------------------------------------- Pillow's resize on tensors
+
+
+def test_device_resize_bit_identical_to_pillow_on_many_sizes(photos):
+    """Upscaling, downscaling, extreme aspect ratios, both of Pillow's pass orders, crops == whole."""
+    images = crops(photos, 60, 200, 200, seed=1, min_side=2)
+    images += [photos[0].crop((0, 0, 300, 9)), photos[1].crop((0, 0, 7, 260)), photos[0].crop((0, 0, 48, 48))]
+    tensors = [torch.from_numpy(np.array(im)) for im in images]  # (H, W, 3)
+    rule = _pillow_order_rule()
+    for n_px, resize in ((48, None), (24, 27), (17, None)):
+        got = pillow_resize_crop(tensors, n_px, resize, CPU)
+        expected = torch.stack([eval_transform_uint8(n_px, resize)(im) for im in images])
+        same = (got == expected).flatten(1).all(1)
+        assert same.all(), [images[i].size for i in torch.nonzero(~same).flatten().tolist()]
+        orders = {rule(w, h, *resized_size(w, h, resize or n_px)) for w, h in (im.size for im in images)}
+        assert orders == {True, False} or rule(100, 100, 90, 10) is False  # both orders exercised where they exist
+
+
+def test_resize_group_matches_pillow_for_arbitrary_output_sizes():
+    """The core resampler, no crop: any (w, h) -> (w', h') as Image.resize does it."""
+    rng = np.random.default_rng(2)
+    rule = _pillow_order_rule()
+    for _ in range(25):
+        h, w = (int(v) for v in rng.integers(4, 90, size=2))
+        nh, nw = (int(v) for v in rng.integers(3, 120, size=2))
+        pixels = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        expected = torch.from_numpy(np.array(Image.fromarray(pixels).resize((nw, nh), Image.BICUBIC)))
+        got = _resize_group(torch.from_numpy(pixels)[None], [(h, w)], [(nw, nh)], [(0, 0)], (nh, nw),
+                            vertical_first=rule(w, h, nw, nh))
+        assert torch.equal(got[0].permute(1, 2, 0), expected), (w, h, nw, nh)
+
+
+# ----------------------------------------------------------------------------- pipelines on files
+
+
+@pytest.fixture(scope="module")
+def files(photos, tmp_path_factory) -> list[str]:
+    """JPEGs of several sizes (a large one for draft mode), a grayscale and a CMYK JPEG, and PNGs."""
+    folder = tmp_path_factory.mktemp("photos")
+    specs = [((160, 120), "RGB", "jpg"), ((120, 160), "RGB", "jpg"), ((400, 300), "RGB", "jpg"),
+             ((90, 90), "L", "jpg"), ((130, 97), "CMYK", "jpg"), ((70, 50), "RGBA", "png"), ((64, 200), "P", "png"),
+             ((33, 41), "RGB", "jpg")]
+    paths = []
+    for i, (size, mode, ext) in enumerate(specs):
+        image = as_mode(photos[i % 2].resize(size, Image.BICUBIC), mode)
+        path = folder / f"{i:02d}.{ext}"
+        image.save(path, **({"quality": 90} if ext == "jpg" else {}))
+        paths.append(str(path))
+    return paths
+
+
+def published_batch(paths, n_px: int, resize: int | None = None) -> torch.Tensor:
+    transform = eval_transform(n_px) if resize is None else finetune_test_transform(n_px)
+    dataset = ImageDataset(paths, [0] * len(paths), transform)
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])
+
+
+def run_pipeline(paths, decode: str, n_px: int = 48, workers: int = 0, batch: int = 3, resize=None,
+                 normalize_in_workers: bool | None = None, **kw):
+    transform = eval_transform(n_px) if resize is None else finetune_test_transform(n_px)
+    dataset = ImageDataset(paths, list(range(len(paths))), transform, **kw)
+    pipeline = InputPipeline.from_transform(transform, decode)
+    images, oks, indices = [], [], []
+    loader = pipeline_loader(dataset, pipeline, batch, workers, normalize_in_workers=normalize_in_workers)
+    for x, labels, idx, ok in loader:
+        if isinstance(x, torch.Tensor):  # exact, draft, tv: uint8 crops, or normalised in the workers
+            assert x.is_floating_point() == (normalize_in_workers is not False)
+        assert torch.equal(labels, idx)
+        x, ok = pipeline.to_device(x, ok, CPU)
+        images.append(x)
+        oks.append(ok)
+        indices.append(idx)
+    return torch.cat(images), torch.cat(oks), torch.cat(indices)
+
+
+@pytest.mark.parametrize("decode", ["exact", "device-resize"])
+@pytest.mark.parametrize("normalize_in_workers", [False, True])
+def test_exact_pipelines_bit_identical_on_files(files, decode, normalize_in_workers):
+    for n_px, resize in ((48, None), (32, 36)):
+        images, ok, indices = run_pipeline(files, decode, n_px, resize=resize,
+                                           normalize_in_workers=normalize_in_workers)
+        assert torch.equal(indices, torch.arange(len(files))) and ok.all()
+        assert torch.equal(images, published_batch(files, n_px, resize))
+
+
+def test_exact_pipelines_with_worker_processes(files):
+    """Shared-memory batches from 2 worker processes, uneven last batch, same tensors."""
+    expected = published_batch(files, 48)
+    for decode in ("exact", "device-resize", "device-decode"):
+        images, ok, indices = run_pipeline(files, decode, workers=2, batch=3, normalize_in_workers=False)
+        assert torch.equal(indices, torch.arange(len(files))) and ok.all()
+        if decode == "device-decode":  # torchvision's CPU decoder is libjpeg-turbo, as PIL's
+            assert ((images - expected).abs() * PIXEL).mean() < 0.5
+        else:
+            assert torch.equal(images, expected)
+
+
+@pytest.mark.parametrize("decode", ["draft", "tv", "device-decode"])
+def test_pixel_changing_options_stay_close(files, decode):
+    expected = published_batch(files, 48)
+    images, ok, _ = run_pipeline(files, decode)
+    assert images.shape == expected.shape and images.dtype == torch.float32 and ok.all()
+    per_image = ((images - expected).abs() * PIXEL).flatten(1).mean(1)  # mean |pixel difference|, 0-255
+    assert per_image.max() < 2.5, per_image
+    cos = torch.nn.functional.cosine_similarity(images.flatten(1).double(), expected.flatten(1).double(), dim=1)
+    assert cos.min() > 0.999
+    if decode == "draft":  # only the 400x300 JPEG is large enough for a 1/2-scale decode at n=48 ...
+        changed = torch.nonzero(per_image > 0).flatten().tolist()
+        assert changed == [2]
+    if decode == "tv":  # ... while torchvision's resize differs a little everywhere it resizes
+        assert (per_image > 0).sum() >= 6
+
+
+def test_draft_mode_decodes_large_jpegs_at_reduced_scale(photos, tmp_path):
+    path = tmp_path / "big.jpg"
+    photos[0].save(path, quality=90)  # 640x427: 1/8 scale would be 80x54
+    dataset = ImageDataset([str(path)], [0], eval_transform(48))
+    wrapped = InputPipeline("draft", n_px=48).dataset(dataset)
+    assert wrapped._pil(0).size == (160, 107)  # 1/4 scale: the smallest keeping the short side >= 2 * 48
+    assert InputPipeline("draft", n_px=48, draft_factor=4).dataset(dataset)._pil(0).size == (320, 214)
+
+
+@pytest.mark.parametrize("decode", DECODE_CHOICES)
+def test_bad_images_raise_or_are_skipped(files, tmp_path, decode):
+    bad = synth.make_bad_images(tmp_path)["truncated"]
+    paths = [files[0], str(bad), files[2]]
+    with pytest.raises(BadImageError, match="truncated.jpg"):
+        run_pipeline(paths, decode)
+    images, ok, indices = run_pipeline(paths, decode, skip_bad_images=True)
+    assert ok.tolist() == [True, False, True] and torch.equal(indices, torch.arange(3))
+    expected = published_batch([files[0], files[2]], 48)
+    keep = images[ok]
+    if decode in ("exact", "device-resize"):
+        assert torch.equal(keep, expected)
+    else:
+        assert ((keep - expected).abs() * PIXEL).mean() < 2.5
+
+
+def test_in_memory_samples(photos):
+    """Images held in memory (the digits dataset) take the PIL path in every pipeline."""
+    samples = [np.asarray(photos[0].resize((60, 40))), photos[1].resize((30, 50))]
+    expected = torch.stack([eval_transform(24)(Image.fromarray(samples[0])), eval_transform(24)(samples[1])])
+    for decode in DECODE_CHOICES:
+        dataset = ImageDataset(samples, [0, 1], eval_transform(24))
+        pipeline = InputPipeline.from_transform(dataset.transform, decode)
+        (x, _, _, ok), = list(pipeline_loader(dataset, pipeline, 2, 0, normalize_in_workers=False))
+        images, ok = pipeline.to_device(x, ok, CPU)
+        if decode == "tv":
+            assert ((images - expected).abs() * PIXEL).mean() < 2.5
+        else:
+            assert torch.equal(images, expected), decode
+
+
+def test_pipeline_recognises_only_the_published_transforms():
+    assert InputPipeline.from_transform(eval_transform(224)) == InputPipeline("exact", 224, 224)
+    assert InputPipeline.from_transform(finetune_test_transform(224), "tv") == InputPipeline("tv", 224, 256)
+    assert InputPipeline.from_transform(train_transform(224, "timm")) is None
+    assert InputPipeline.from_transform(None) is None
+    with pytest.raises(ValueError, match="decode"):
+        InputPipeline("nvdali")
+
+
+def test_embedding_loader_falls_back_for_other_transforms(files):
+    dataset = ImageDataset(files[:2], [0, 1], train_transform(32, "timm"))
+    loader, preprocess = embedding_loader(dataset, "tv", 2, 0, CPU)
+    assert preprocess is None
+    (x, *_), = list(loader)
+    assert x.dtype == torch.float32 and x.shape == (2, 3, 32, 32)
+
+
+def test_sharding_matches_sharded_loader(files):
+    dataset = ImageDataset(files, list(range(len(files))), eval_transform(32))
+    pipeline = InputPipeline.from_transform(dataset.transform)
+    for rank in range(3):
+        ours = [i for *_, idx, _ in pipeline_loader(dataset, pipeline, 2, 0, CPU, rank, 3) for i in idx.tolist()]
+        theirs = [i for *_, idx, _ in sharded_loader(dataset, 2, 0, rank, 3) for i in idx.tolist()]
+        assert ours == theirs
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    model = unicom.VisionTransformer(input_size=32, patch_size=8, dim=64, embedding_size=32, depth=2, num_heads=2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("decode", ["exact", "device-resize"])
+def test_embed_loader_exact_paths_equal_the_float_path(files, tiny_model, decode):
+    for transform in (eval_transform(32), finetune_test_transform(32)):
+        dataset = ImageDataset(files, list(range(len(files))), transform)
+        reference = embed_loader(tiny_model, sharded_loader(dataset, 3, 0), CPU)
+        loader, preprocess = embedding_loader(dataset, decode, 3, 0, CPU)
+        assert preprocess is not None
+        ours = embed_loader(tiny_model, loader, CPU, preprocess=preprocess)
+        assert torch.equal(ours.features, reference.features)
+        assert torch.equal(ours.indices, reference.indices) and torch.equal(ours.labels, reference.labels)
+
+
+def test_embed_loader_casts_inputs_to_half_weights(files, tiny_model):
+    dataset = ImageDataset(files[:3], [0, 1, 2], eval_transform(32))
+    loader, preprocess = embedding_loader(dataset, "exact", 3, 0, CPU)
+    reference = embed_loader(tiny_model, loader, CPU, preprocess=preprocess).features.double()
+    half = embed_loader(tiny_model.to(torch.bfloat16), loader, CPU, preprocess=preprocess).features
+    tiny_model.float()
+    assert half.dtype == torch.float32
+    assert (half.double() - reference).norm() / reference.norm() < 3e-2
+
+
+def test_published_peer_is_the_published_graph(fixtures_dir, tiny_model):
+    """benchmarks/published_vit.py: the fixture's float64 outputs, and our model's, in float32."""
+    io_ = torch.load(fixtures_dir / "tiny_reference_io.pt", weights_only=True)
+    state = torch.load(fixtures_dir / "tiny_reference_fp16.pt", weights_only=True)
+    peer = PublishedViT(**io_["config"]).eval()
+    peer.load_state_dict({k: v.float() for k, v in state.items()})
+    with torch.no_grad():
+        out = peer(io_["input"].float()).double()
+    assert (out - io_["embedding"]).norm() / io_["embedding"].norm() < 1e-5
+    copy = PublishedViT.from_model(tiny_model)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(copy(x), tiny_model(x), rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the programs' option
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_model, tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_model(tiny_model, path)
+    return str(path)
+
+
+@pytest.mark.filterwarnings("ignore::unicom.data.DatasetCountWarning")
+def test_retrieval_program_decode_option(checkpoint, tmp_path):
+    from unicom.programs.retrieval import main
+
+    written = synth.make_cub(tmp_path / "data", num_classes=6, per_class=3)
+    records = {}
+    for decode in ("exact", "device-resize", "tv"):
+        out = tmp_path / decode
+        argv = ["--eval", "--dataset", "cub", "--data-root", str(written.root), "--model_name", checkpoint,
+                "--output", str(out), "--num_workers", "0", "--batch_size", "4", "--device", "cpu",
+                "--decode", decode]
+        assert main(argv) == 0
+        records[decode] = json.loads((out / "results.json").read_text())
+    keys = ("recall", "map_at_r", "r_precision", "num_query")
+    assert {k: records["device-resize"][k] for k in keys} == {k: records["exact"][k] for k in keys}
+    assert records["tv"]["num_query"] == records["exact"]["num_query"] == 9
+
+
+def test_knn_program_decode_option(checkpoint, tmp_path):
+    from unicom.programs.knn import main
+
+    synth.make_image_folder(tmp_path / "train", ["ant", "bee", "cat"], per_class=3)
+    synth.make_image_folder(tmp_path / "val", ["ant", "bee"], per_class=2, seed=1)
+    results = {}
+    for decode in ("exact", "draft"):
+        out = tmp_path / decode
+        argv = ["--train-dataset", str(tmp_path / "train"), "--val-dataset", str(tmp_path / "val"),
+                "--model-name", checkpoint, "--output-dir", str(out), "--num-workers", "0", "--batch-size", "4",
+                "--device", "cpu", "--nb_knn", "1", "3", "--decode", decode]
+        assert main(argv) == 0
+        results[decode] = json.loads((out / "results_eval_knn.json").read_text())
+    assert results["draft"]["knn"] == results["exact"]["knn"]  # tiny JPEGs: draft mode changes nothing
+    assert results["exact"]["num_train"] == 9 and results["exact"]["num_val"] == 4
+
+
+def test_device_decode_falls_back_to_pil_for_bytes_the_decoder_refuses(files):
+    """A JPEG the batched decoder rejects is decoded one by one, then by PIL."""
+    from unicom.data.fast import EncodedBatch, _decode_on
+
+    good = torch.frombuffer(bytearray(Path(files[0]).read_bytes()), dtype=torch.uint8)
+    png = Image.open(files[5]).convert("RGB")
+    buffer = io.BytesIO()
+    png.save(buffer, "PNG")  # not a JPEG: torchvision's decode_jpeg refuses it, PIL reads it
+    other = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+    batch = EncodedBatch([good, other], [True, True], ["a.jpg", "b.png"], skip_bad_images=False)
+    images, ok = _decode_on(batch, torch.tensor([True, True]), CPU)
+    assert ok.all() and images[0].shape == (120, 160, 3)
+    assert torch.equal(images[1], torch.from_numpy(np.array(png)))
+    garbage = torch.tensor([0xFF, 0xD8, 0xFF, 1, 2, 3], dtype=torch.uint8)
+    with pytest.raises(BadImageError, match="c.jpg"):
+        _decode_on(EncodedBatch([garbage], [True], ["c.jpg"], False), torch.tensor([True]), CPU)
+    _, ok = _decode_on(EncodedBatch([garbage], [True], ["c.jpg"], True), torch.tensor([True]), CPU)
+    assert ok.tolist() == [False]
