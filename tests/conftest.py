@@ -23,4 +23,32 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for tiny models: on a busy 2-core machine two threads contend
+    (OpenMP spin-waits) and are ~100x slower; also the thread count of the programs'
+    subprocesses in the tests, so in- and out-of-process runs agree bit for bit."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> str:
+    """A tiny random ViT (seed 0) saved in the library's own checkpoint format."""
+    import torch
+
+    import unicom
+    from unicom.checkpoint import save_model
+
+    torch.manual_seed(0)
+    model = unicom.VisionTransformer(input_size=32, patch_size=8, dim=64, embedding_size=32, depth=2, num_heads=2)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_model(model, path)
+    return str(path)
+
+
 os.environ.setdefault("OMP_NUM_THREADS", "2")

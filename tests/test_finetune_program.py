@@ -21,14 +21,13 @@ import synthetic_datasets as synth  # noqa: E402
 from dist_utils import run_in_processes  # noqa: E402
 
 import unicom  # noqa: E402
-from unicom.checkpoint import save_model  # noqa: E402
 from unicom.data import load_retrieval_dataset  # noqa: E402
 from unicom.losses import CombinedMarginLoss, PartialFC  # noqa: E402
 from unicom.programs import finetune  # noqa: E402
 from unicom.programs.retrieval import main  # noqa: E402
 from unicom.transforms import eval_transform  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::unicom.data.DatasetCountWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::unicom.data.DatasetCountWarning"), pytest.mark.usefixtures("one_thread")]
 
 ROOT = Path(__file__).resolve().parents[1]
 # Synthetic CUB with 6 classes of 5 images: 15 training images in 3 classes, 15 test images.
@@ -36,25 +35,6 @@ TRAIN_IMAGES = 15
 METRICS = ("num_query", "num_gallery", "recall", "map_at_r", "r_precision", "num_lone_queries", "skipped_images")
 EVAL_FIELDS = {"dataset", "model", "num_query", "num_gallery", "world_size", "recall", "map_at_r", "r_precision",
                "skipped_images", "images_per_second", "seconds"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: ~100x faster for tiny models on a busy 2-core machine, and the
-    same thread count as the subprocess below, so in- and out-of-process runs agree bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    model = unicom.VisionTransformer(input_size=32, patch_size=8, dim=64, embedding_size=32, depth=2, num_heads=2)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_model(model, path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

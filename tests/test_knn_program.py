@@ -24,7 +24,6 @@ import synthetic_datasets as synth  # noqa: E402
 from dist_utils import run_in_processes  # noqa: E402
 
 import unicom  # noqa: E402
-from unicom.checkpoint import save_model  # noqa: E402
 from unicom.data import BadImageError  # noqa: E402
 from unicom.metrics import knn_accuracy  # noqa: E402
 from unicom.programs.knn import few_shot_subset, main  # noqa: E402
@@ -43,24 +42,6 @@ FAST = ["--num-workers", "0", "--batch-size", "4", "--device", "cpu"]
 RESULT_KEYS = ("num_train", "num_val", "temperature", "knn", "few_shot", "skipped_images")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: ~100x faster for tiny models on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    model = unicom.VisionTransformer(input_size=32, patch_size=8, dim=64, embedding_size=32, depth=2, num_heads=2)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_model(model, path)
-    return str(path)
-
-
 def write_tree(root: Path, counts: dict[str, int], seed: int) -> list[synth.Item]:
     """``<root>/<class>/<class>_<j>.jpg``: one colour per class plus noise, so that neighbours
     tend to share a class; plus a macOS ``._`` file per class that must not count as an image.
@@ -75,6 +56,9 @@ def write_tree(root: Path, counts: dict[str, int], seed: int) -> list[synth.Item
             items.append(synth.Item(str(path), name, colour))
         (root / name / f"._{name}_0000.jpg").write_bytes(synth.APPLEDOUBLE)
     return items
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

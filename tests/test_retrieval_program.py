@@ -24,12 +24,11 @@ import synthetic_datasets as synth  # noqa: E402
 from dist_utils import run_in_processes  # noqa: E402
 
 import unicom  # noqa: E402
-from unicom.checkpoint import save_model  # noqa: E402
 from unicom.data import BadImageError  # noqa: E402
 from unicom.metrics import retrieval_metrics  # noqa: E402
 from unicom.programs.retrieval import main  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::unicom.data.DatasetCountWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::unicom.data.DatasetCountWarning"), pytest.mark.usefixtures("one_thread")]
 
 # Synthetic CUB: 10 classes, the last 5 test, 5 images each: 25 test images, a count that
 # splits unevenly over 2 (13 + 12) and 3 (9 + 8 + 8) processes.
@@ -41,26 +40,6 @@ FAST = ["--num_workers", "0", "--batch_size", "4", "--device", "cpu"]
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is ~100x faster than two
-    threads contending with other processes (OpenMP spin-waits), and runs are deterministic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    """A tiny random ViT saved in the library's own checkpoint format."""
-    torch.manual_seed(0)
-    model = unicom.VisionTransformer(input_size=32, patch_size=8, dim=64, embedding_size=32, depth=2, num_heads=2)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_model(model, path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
