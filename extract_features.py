@@ -2,7 +2,8 @@
 
 import sys
 
+from unicom.programs.common import run_cli
 from unicom.programs.extract_features import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -49,3 +49,24 @@ def add_runtime_args(parser) -> None:
                              "draft, tv and device-decode (nvJPEG on GPUs) are faster and change pixels slightly")
     parser.add_argument("--skip-bad-images", "--skip_bad_images", dest="skip_bad_images", action="store_true",
                         help="leave undecodable images out (counted in the results) instead of stopping")
+
+
+def run_cli(main) -> int:
+    """Run a program's ``main()`` for the command line: errors that describe bad input (a
+    missing file or dataset, a download or checkpoint problem, an undecodable image, a NaN
+    loss) end with their message and exit status 2 instead of a traceback. ``main`` itself
+    still raises, for callers and tests. Set ``UNICOM_TRACEBACK=1`` to see the traceback."""
+    from ..checkpoint import CheckpointError
+    from ..data import BadImageError
+    from ..hub import DownloadError
+
+    # ValueError: unknown model or dataset names and invalid option values.
+    user_errors = (DownloadError, CheckpointError, BadImageError, FileNotFoundError, IsADirectoryError,
+                   FloatingPointError, ValueError)
+    try:
+        return main()
+    except user_errors as error:
+        if os.environ.get("UNICOM_TRACEBACK"):
+            raise
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
