@@ -385,7 +385,7 @@ def train(args, device: torch.device) -> int:
                 count = 0
         _check_finite(finite, loss_sum, epoch, step)
 
-        result = evaluate(unwrap(ddp), test_data, args, device, resolve_precision(args.precision, device))
+        result = evaluate(unwrap(ddp), test_data, args, device, precision)
         score = result["recall"][test_data.ks[0]]
         best = max(best, score)
         if dist.is_main_process():
