@@ -74,6 +74,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="ViT-B/32", choices=list(PEERS))
     p.add_argument("--batch", type=int, default=None, help="default 512 (GPU), 8 with --quick")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: CPU count, at most 16)")
+    p.add_argument("--published-workers", type=int, default=None,
+                   help="workers of the published pipeline, the baseline of the ratios (default 8, as published, "
+                        "or --workers if fewer); it also runs with --workers when they differ")
+    p.add_argument("--loader-batch", type=int, default=None,
+                   help="images per worker batch in our pipelines (default: --batch or 64, whichever is smaller); "
+                        "the model still runs on --batch images. The published pipeline loads --batch at once")
     p.add_argument("--num-images", type=int, default=None, help="default 12000, 48 with --quick")
     p.add_argument("--image-size", default="500x375", help="WIDTHxHEIGHT of the synthetic JPEGs")
     p.add_argument("--precision", nargs="+", choices=list(PRECISIONS), default=None,
@@ -87,6 +93,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-model", action="store_true")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--skip-peers", action="store_true")
+    p.add_argument("--compile-peers", action="store_true", help="also time the peers compiled (with --compile)")
     p.add_argument("--quick", action="store_true", help="small sizes for a CPU check")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads of the main process")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -254,7 +261,7 @@ def bench_model(args, device, model, accuracy_images) -> list[dict]:
         for label, peer in _peer_models(args.model):
             peer = peer.to(device=device, dtype=dtype).eval()
             variants = [(False, peer)]
-            if args.compile:
+            if args.compile and args.compile_peers:
                 compiled = _compile(peer)
                 if compiled is not None:
                     variants.append((True, compiled))
@@ -284,7 +291,7 @@ def _passes(dataset) -> int:
 
 
 @torch.inference_mode()
-def run_published(dataset, args, device, model) -> tuple[float, float, torch.Tensor]:
+def run_published(dataset, args, device, model, workers: int) -> tuple[float, float, torch.Tensor]:
     """(images/s end to end, images/s input only, embeddings): the published evaluation loop.
 
     Input only: the loader and the copy to the device, no model (over at least 512 images).
@@ -292,7 +299,7 @@ def run_published(dataset, args, device, model) -> tuple[float, float, torch.Ten
     amp = torch.float16 if device.type == "cuda" else None
 
     def loader():
-        return sharded_loader(dataset, args.batch, args.workers, pin_memory=False)
+        return sharded_loader(dataset, args.batch, workers, pin_memory=False)
 
     start = time.perf_counter()
     for _ in range(_passes(dataset)):
@@ -314,14 +321,15 @@ def run_ours(dataset, pipeline, args, device, model, amp) -> tuple[float, float,
     """(images/s end to end, images/s input only, embeddings) with ``pipeline`` and ``embed_loader``."""
     start = time.perf_counter()
     for _ in range(_passes(dataset)):
-        for images, _, _, ok in pipeline_loader(dataset, pipeline, args.batch, args.workers, device):
+        for images, _, _, ok in pipeline_loader(dataset, pipeline, args.loader_batch, args.workers, device):
             pipeline.to_device(images, ok, device)
     _sync(device)
     input_only = _passes(dataset) * len(dataset) / (time.perf_counter() - start)
     start = time.perf_counter()
-    loader = pipeline_loader(dataset, pipeline, args.batch, args.workers, device)
+    loader = pipeline_loader(dataset, pipeline, args.loader_batch, args.workers, device)
     precision = {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[amp]  # autocast_for's names
-    result = embed_loader(model, loader, device, precision, desc=pipeline.decode, preprocess=pipeline.to_device)
+    result = embed_loader(model, loader, device, precision, desc=pipeline.decode, preprocess=pipeline.to_device,
+                          batch_size=args.batch)
     _sync(device)
     return len(dataset) / (time.perf_counter() - start), input_only, result.features
 
@@ -366,10 +374,14 @@ def bench_e2e(args, device, model, folder: Path) -> list[dict]:
     label = f"{precision}{' compiled' if args.compile else ''}"
 
     rows = []
-    speed, input_only, pub_features = run_published(dataset, args, device, published)
-    rows.append({"pipeline": "published (float in workers)", "model": "published graph", "images_per_s": speed,
-                 "input_per_s": input_only, "ratio": 1.0, "exact": "yes"})
+    speed, input_only, pub_features = run_published(dataset, args, device, published, args.published_workers)
+    rows.append({"pipeline": f"published ({args.published_workers} workers)", "model": "published graph",
+                 "images_per_s": speed, "input_per_s": input_only, "ratio": 1.0, "exact": "yes"})
     base = speed
+    if args.workers != args.published_workers:
+        speed, input_only, _ = run_published(dataset, args, device, published, args.workers)
+        rows.append({"pipeline": f"published ({args.workers} workers)", "model": "published graph",
+                     "images_per_s": speed, "input_per_s": input_only, "ratio": speed / base, "exact": "yes"})
 
     count = min(len(paths), 256)
     exact_pipeline = InputPipeline("exact", n_px=n)
@@ -404,8 +416,10 @@ def bench_e2e(args, device, model, folder: Path) -> list[dict]:
     if exact_features is not None:
         pub_cos = float(F.cosine_similarity(pub_features.double(), exact_features.double(), dim=1).min())
         rows[0]["min_cos"] = pub_cos
-    print(f"(ii) end to end: {len(paths)} files -> embeddings on {device}, batch {args.batch}, "
-          f"{args.workers} workers, {args.model}; deviations vs ours exact over all images (cosine) and the "
+    print(f"(ii) end to end: {len(paths)} files -> embeddings on {device}, batch {args.batch} (ours: loaded in "
+          f"batches of {args.loader_batch}), "
+          f"{args.workers} workers (published baseline: {args.published_workers}), {args.model}; deviations vs "
+          f"ours exact over all images (cosine) and the "
           f"first {count} (pixels)")
     print(f"  exact path bit-identical to the published transform on {count} images: {identical} "
           f"(plain (x / 255 - mean) / std on {device.type} would be: {arithmetic})")
@@ -424,8 +438,11 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     args.batch = args.batch or (8 if args.quick else 512)
+    args.loader_batch = args.loader_batch or min(args.batch, 64)
     embed_module.tqdm = lambda iterable, **_: iterable  # no progress bars between the tables
     args.workers = args.workers if args.workers is not None else min(os.cpu_count() or 1, 16)
+    if args.published_workers is None:
+        args.published_workers = min(8, args.workers)
     args.num_images = args.num_images or (64 if args.quick else 12000)
     args.iters = args.iters or (2 if args.quick else 30)
     args.precision = args.precision or (["fp16", "amp-fp16", "bf16", "fp32"] if gpu else ["fp32"])

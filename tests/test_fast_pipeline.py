@@ -31,6 +31,8 @@ from unicom.checkpoint import save_model  # noqa: E402
 from unicom.data import BadImageError, ImageDataset, sharded_loader  # noqa: E402
 from unicom.data.fast import (  # noqa: E402
     DECODE_CHOICES,
+    EXACT_DECODES,
+    LOADER_BATCH,
     InputPipeline,
     _pillow_order_rule,
     _resize_group,
@@ -41,6 +43,7 @@ from unicom.data.fast import (  # noqa: E402
     pillow_resize_crop,
     pipeline_loader,
     resized_size,
+    resolve_decode,
 )
 from unicom.embed import embed_loader  # noqa: E402
 from unicom.transforms import MEAN, STD, eval_transform, train_transform  # noqa: E402
@@ -415,3 +418,67 @@ def test_device_decode_falls_back_to_pil_for_bytes_the_decoder_refuses(files):
         _decode_on(EncodedBatch([garbage], [True], ["c.jpg"], False), torch.tensor([True]), CPU)
     _, ok = _decode_on(EncodedBatch([garbage], [True], ["c.jpg"], True), torch.tensor([True]), CPU)
     assert ok.tolist() == [False]
+
+
+class _RecordingModel(torch.nn.Module):
+    """A model that records the batch sizes it is called with."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+        self.calls: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(x.shape[0])
+        return self.model(x)
+
+
+@pytest.mark.parametrize("loader_batch, batch_size, expected", [(3, 4, [4, 4]), (2, 8, [8]), (5, 3, [3, 3, 2])])
+def test_embed_loader_gathers_small_loader_batches_into_model_batches(files, tiny_model, loader_batch, batch_size,
+                                                                      expected):
+    dataset = ImageDataset(files, list(range(len(files))), eval_transform(32))  # 8 images
+    reference = embed_loader(tiny_model, sharded_loader(dataset, len(files), 0), CPU)
+    loader, preprocess = embedding_loader(dataset, "exact", batch_size, 0, CPU, loader_batch_size=loader_batch)
+    assert loader.batch_size == loader_batch
+    recording = _RecordingModel(tiny_model)
+    ours = embed_loader(recording, loader, CPU, preprocess=preprocess, batch_size=batch_size)
+    assert recording.calls == expected
+    assert torch.allclose(ours.features, reference.features, atol=1e-6)  # only the batch composition differs
+    assert torch.equal(ours.indices, reference.indices) and torch.equal(ours.labels, reference.labels)
+
+
+def test_embedding_loader_batches_are_small_by_default(files):
+    dataset = ImageDataset(files, list(range(len(files))), eval_transform(32))
+    assert embedding_loader(dataset, "exact", 512, 0, CPU)[0].batch_size == LOADER_BATCH
+    assert embedding_loader(dataset, "exact", 4, 0, CPU)[0].batch_size == 4
+
+
+def test_auto_decode_is_exact_on_every_device():
+    assert resolve_decode("auto", "cpu") == "exact"
+    assert resolve_decode("auto", torch.device("cuda", 0)) == "device-resize"  # a device name, no GPU needed
+    assert resolve_decode("tv", "cuda") == "tv"
+    for name in ("auto", "exact", "device-resize"):
+        assert resolve_decode(name, "cuda") in EXACT_DECODES and resolve_decode(name, "cpu") in EXACT_DECODES
+    with pytest.raises(ValueError, match="expected auto or one of"):
+        resolve_decode("nvjpeg", "cpu")
+
+
+def test_device_resize_batches_carry_their_resampling_tables(files):
+    """The workers build the coefficient tables; the device only expands them (same pixels)."""
+    dataset = ImageDataset(files, list(range(len(files))), eval_transform(32))
+    pipeline = InputPipeline("device-resize", n_px=32)
+    wrapped = pipeline.dataset(dataset)
+    images, _, _, ok = wrapped.collate([wrapped[i] for i in range(len(files))])
+    assert all(len(group[4]) == 4 and group[4][1].dtype == torch.int64 for group in images.groups)
+    pixels, _ = pipeline.pixels(images, ok, CPU)
+    expected = torch.stack([eval_transform_uint8(32)(Image.open(p)) for p in files])
+    assert torch.equal(pixels, expected)
+
+
+def test_compile_flag_is_for_evaluation_only(checkpoint, tmp_path):
+    from unicom.programs.retrieval import main
+
+    with pytest.raises(ValueError, match="--compile applies to --eval"):
+        main(["--dataset", "cub", "--data-root", str(tmp_path), "--model_name", checkpoint, "--compile",
+              "--device", "cpu", "--output", str(tmp_path / "out")])

@@ -64,18 +64,28 @@ def embed_loader(
     precision: str = "fp32",
     desc: str = "embedding",
     preprocess: Preprocess | None = None,
+    batch_size: int | None = None,
 ) -> Embeddings:
     """Run ``model`` over a loader of ``(images, labels, indices, ok)`` batches on ``device``.
 
     ``preprocess(images, ok, device) -> (images, ok)`` turns a loader batch into model input on
     ``device`` (e.g. :meth:`unicom.data.fast.InputPipeline.to_device`: uint8 pixels normalised
     there); by default the images are moved as they are. Inputs are cast to the dtype of the
-    model's weights (``load(..., precision="fp16")``). Results stay on ``device``: no
-    per-batch host round trip.
+    model's weights (``load(..., precision="fp16")``). With ``batch_size``, loader batches
+    (which may be smaller: many small batches keep every worker busy) are gathered on the
+    device and the model runs on ``batch_size`` images at a time (the last batch smaller).
+    Results stay on ``device``: no per-batch host round trip.
     """
     model.eval()
     weight_dtype = _weight_dtype(model)
     features, labels, indices, oks = [], [], [], []
+    pending: list[torch.Tensor] = []
+    pending_rows = 0
+
+    def run(images: torch.Tensor) -> None:
+        with autocast_for(device, precision):
+            features.append(model(images).float())
+
     batches = tqdm(loader, desc=desc, disable=not dist.is_main_process(), leave=False)
     for images, batch_labels, batch_indices, batch_ok in batches:
         if preprocess is None:
@@ -84,12 +94,23 @@ def embed_loader(
             images, batch_ok = preprocess(images, batch_ok, device)
         if images.is_floating_point() and images.dtype != weight_dtype:
             images = images.to(weight_dtype)
-        with autocast_for(device, precision):
-            out = model(images)
-        features.append(out.float())
         labels.append(batch_labels.to(device, non_blocking=True))
         indices.append(batch_indices.to(device, non_blocking=True))
         oks.append(batch_ok.to(device, non_blocking=True))
+        if batch_size is None:
+            run(images)
+            continue
+        pending.append(images)
+        pending_rows += images.shape[0]
+        if pending_rows >= batch_size:
+            stacked = torch.cat(pending) if len(pending) > 1 else pending[0]
+            for start in range(0, pending_rows - batch_size + 1, batch_size):
+                run(stacked[start:start + batch_size])
+            rest = pending_rows % batch_size
+            pending = [stacked[pending_rows - rest:]] if rest else []
+            pending_rows = rest
+    if pending:
+        run(torch.cat(pending))
     if not features:  # a process with an empty shard still takes part in the gathers
         dim = _embedding_size(model)
         return Embeddings(

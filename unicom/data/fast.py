@@ -66,12 +66,24 @@ __all__ = [
     "pillow_resize_crop",
     "pipeline_loader",
     "resized_size",
+    "resolve_decode",
 ]
 
 logger = logging.getLogger(__name__)
 
 DECODE_CHOICES = ("exact", "device-resize", "draft", "tv", "device-decode")
 EXACT_DECODES = ("exact", "device-resize")
+
+
+def resolve_decode(decode: str, device: torch.device | str) -> str:
+    """``auto``: the fastest exact pipeline for ``device``: ``device-resize`` on CUDA (the
+    workers only decode), ``exact`` elsewhere (a CPU's cores are the workers' cores, and PIL's
+    resize costs less there than the exact replay). Other names are returned as they are."""
+    if decode == "auto":
+        return "device-resize" if torch.device(device).type == "cuda" else "exact"
+    if decode not in DECODE_CHOICES:
+        raise ValueError(f"unknown decode {decode!r}: expected auto or one of {DECODE_CHOICES}")
+    return decode
 
 _BICUBIC = T.InterpolationMode.BICUBIC
 
@@ -239,13 +251,20 @@ def _pillow_order_rule() -> Callable[[int, int, int, int], bool]:
     return rule
 
 
-def _dense(tables: list[tuple[np.ndarray, np.ndarray]], length: int, device: torch.device) -> torch.Tensor:
-    """Stack per-image (first, weights) tables into dense (G, count, length) float64 matrices."""
+def _stack_tables(tables: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image (first, weights) tables -> (G, count) and (G, count, K) int64 tensors (K: the widest)."""
     ksize = max(w.shape[1] for _, w in tables)
-    first = torch.from_numpy(np.stack([f for f, _ in tables])).to(device)  # (G, count)
-    weights = torch.from_numpy(np.stack([np.pad(w, ((0, 0), (0, ksize - w.shape[1]))) for _, w in tables]))
-    weights = weights.to(device=device, dtype=torch.float64)  # (G, count, K)
-    index = (first[..., None] + torch.arange(ksize, device=device)).clamp_(max=length - 1)
+    first = torch.from_numpy(np.stack([f for f, _ in tables]))
+    weights = torch.from_numpy(np.stack([w if w.shape[1] == ksize else np.pad(w, ((0, 0), (0, ksize - w.shape[1])))
+                                         for _, w in tables]))
+    return first, weights
+
+
+def _dense(first: torch.Tensor, weights: torch.Tensor, length: int, device: torch.device) -> torch.Tensor:
+    """Stacked (first (G, count), weights (G, count, K)) tables -> dense (G, count, length) float64 matrices."""
+    first = first.to(device, non_blocking=True)
+    weights = weights.to(device, non_blocking=True).to(torch.float64)
+    index = (first[..., None] + torch.arange(weights.shape[-1], device=device)).clamp_(max=length - 1)
     # Taps past an output's window weigh 0 and may be clamped onto a real index: adding 0 is harmless.
     return torch.zeros(*first.shape, length, dtype=torch.float64, device=device).scatter_add_(2, index, weights)
 
@@ -255,6 +274,24 @@ def _round(x: torch.Tensor) -> torch.Tensor:
     return torch.floor((x + _HALF) / _ONE).clamp_(0, 255)
 
 
+def _group_tables(
+    in_hw: Sequence[tuple[int, int]],
+    out_wh: Sequence[tuple[int, int]],
+    offsets: Sequence[tuple[int, int]],
+    crop_hw: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The stacked coefficient tables of one group: (first_x, weights_x, first_y, weights_y), CPU int64.
+
+    Cheap to build (per-size tables are cached) and small to ship: the pipeline's workers
+    build them, the device expands them into dense matrices.
+    """
+    ch, cw = crop_hw
+    geometry = list(zip(in_hw, out_wh, offsets))
+    fx, wx = _stack_tables([_axis_table(w, nw, left, cw) for (_, w), (nw, _), (left, _) in geometry])
+    fy, wy = _stack_tables([_axis_table(h, nh, top, ch) for (h, _), (_, nh), (_, top) in geometry])
+    return fx, wx, fy, wy
+
+
 def _resize_group(
     pixels: torch.Tensor,
     in_hw: Sequence[tuple[int, int]],
@@ -262,21 +299,23 @@ def _resize_group(
     offsets: Sequence[tuple[int, int]],
     crop_hw: tuple[int, int],
     vertical_first: bool,
+    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Pillow's bicubic resize of images padded into ``pixels``, then a crop: (G, 3, ch, cw) uint8.
 
     pixels: (G, Hmax, Wmax, 3) uint8, image g in its top-left (h, w) = in_hw[g] corner.
     out_wh: each image's full resized (width, height); offsets: each crop's (left, top).
+    ``tables``: :func:`_group_tables` of these, when already built.
     Both passes are matmuls with the integer coefficients as float64: every product and sum
     is an integer below 2^53, so the result is exact whatever the summation order.
     """
     g, hmax, wmax, _ = pixels.shape
     ch, cw = crop_hw
     device = pixels.device
-    geometry = list(zip(in_hw, out_wh, offsets))
+    fx, wx, fy, wy = tables if tables is not None else _group_tables(in_hw, out_wh, offsets, crop_hw)
     # (G, cw, Wmax) and (G, ch, Hmax): row j holds the weights of output column / row j of the crop
-    mx = _dense([_axis_table(w, nw, left, cw) for (_, w), (nw, _), (left, _) in geometry], wmax, device)
-    my = _dense([_axis_table(h, nh, top, ch) for (h, _), (_, nh), (_, top) in geometry], hmax, device)
+    mx = _dense(fx, wx, wmax, device)
+    my = _dense(fy, wy, hmax, device)
     x = pixels.to(torch.float64)
     if vertical_first:
         t = _round(my @ x.reshape(g, hmax, wmax * 3))  # (G, ch, Wmax * 3)
@@ -335,12 +374,17 @@ def _pad(images: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> tor
     return out
 
 
-def _resize_padded(pixels: torch.Tensor, sizes: Sequence[tuple[int, int]], resize: int, n_px: int,
-                   vertical_first: bool) -> torch.Tensor:
-    """One group: padded (G, Hmax, Wmax, 3) uint8 images of ``sizes`` (h, w) -> (G, 3, n_px, n_px)."""
+def _padded_tables(sizes: Sequence[tuple[int, int]], resize: int, n_px: int):
+    """:func:`_group_tables` for images of ``sizes`` (h, w) resized to ``resize`` and cropped to ``n_px``."""
     geometry = [_geometry(h, w, resize, n_px) for h, w in sizes]
-    return _resize_group(pixels, sizes, [g[0] for g in geometry], [g[1] for g in geometry], (n_px, n_px),
-                         vertical_first)
+    return _group_tables(sizes, [g[0] for g in geometry], [g[1] for g in geometry], (n_px, n_px))
+
+
+def _resize_padded(pixels: torch.Tensor, sizes: Sequence[tuple[int, int]], resize: int, n_px: int,
+                   vertical_first: bool, tables=None) -> torch.Tensor:
+    """One group: padded (G, Hmax, Wmax, 3) uint8 images of ``sizes`` (h, w) -> (G, 3, n_px, n_px)."""
+    tables = tables if tables is not None else _padded_tables(sizes, resize, n_px)
+    return _resize_group(pixels, sizes, (), (), (n_px, n_px), vertical_first, tables)
 
 
 def pillow_resize_crop(
@@ -379,14 +423,16 @@ class PaddedGroups:
     """Whole decoded images of one batch, grouped for the device resize (built in the workers).
 
     groups: (pixels (G, Hmax, Wmax, 3) uint8, sizes (G, 2) int64 (h, w), positions (G,) int64,
-    vertical_first) per group; ``positions`` are the images' places in the batch.
+    vertical_first, tables) per group; ``positions`` are the images' places in the batch and
+    ``tables`` the group's stacked resampling coefficients (:func:`_group_tables`).
     """
 
-    groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]]
+    groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool, tuple[torch.Tensor, ...]]]
     batch_size: int
 
     def pin_memory(self) -> PaddedGroups:
-        return PaddedGroups([(p.pin_memory(), s, i, f) for p, s, i, f in self.groups], self.batch_size)
+        return PaddedGroups([(p.pin_memory(), s, i, f, tuple(t.pin_memory() for t in tables))
+                             for p, s, i, f, tables in self.groups], self.batch_size)
 
     def __len__(self) -> int:
         return self.batch_size
@@ -581,8 +627,10 @@ class InputPipeline:
             members = [images[i] for i in positions]
             hmax, wmax = max(x.shape[0] for x in members), max(x.shape[1] for x in members)
             pixels = _pad(members, _shared_empty((len(members), hmax, wmax, 3), torch.uint8))
-            sizes = torch.tensor([(x.shape[0], x.shape[1]) for x in members], dtype=torch.long)
-            packed.append((pixels, sizes, torch.tensor(positions, dtype=torch.long), vertical_first))
+            shapes = [(x.shape[0], x.shape[1]) for x in members]
+            tables = _padded_tables(shapes, self.resize, self.n_px)
+            sizes = torch.tensor(shapes, dtype=torch.long)
+            packed.append((pixels, sizes, torch.tensor(positions, dtype=torch.long), vertical_first, tables))
         return PaddedGroups(packed, len(images)), labels, indices, ok
 
     def pixels(self, images, ok: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -591,10 +639,10 @@ class InputPipeline:
             raise ValueError("this batch was normalised in the loader: build it with normalize_in_workers=False")
         if isinstance(images, PaddedGroups):
             out = torch.empty(images.batch_size, 3, self.n_px, self.n_px, dtype=torch.uint8, device=device)
-            for pixels, sizes, positions, vertical_first in images.groups:
+            for pixels, sizes, positions, vertical_first, tables in images.groups:
                 result = _resize_padded(pixels.to(device, non_blocking=True), [tuple(x) for x in sizes.tolist()],
-                                        self.resize, self.n_px, vertical_first)
-                out[positions.to(device)] = result
+                                        self.resize, self.n_px, vertical_first, tables)
+                out[positions.to(device, non_blocking=True)] = result
             return out, ok
         if isinstance(images, EncodedBatch):
             decoded, ok = _decode_on(images, ok, device)
@@ -615,10 +663,20 @@ def _decode_on(batch: EncodedBatch, ok: torch.Tensor, device: torch.device) -> t
 
     out: list[torch.Tensor | None] = [None] * len(batch.items)
     jobs = [i for i, e in enumerate(batch.encoded) if e]
+    # torchvision's CUDA decoder allocates its outputs on the current stream but writes them from
+    # a stream of its own that does not wait for this one: memory that queued kernels still read
+    # (freed tensors the caching allocator hands back) gets overwritten, giving wrong embeddings
+    # (seen on an H100 with torchvision 0.26: one image's cosine to the exact path 0.30; pytorch/
+    # vision#9606). Draining this stream first, and the decoder's after, keeps the two apart.
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
     try:
         decoded = decode_jpeg([batch.items[i] for i in jobs], mode=ImageReadMode.RGB, device=device) if jobs else []
     except RuntimeError:
         decoded = None  # one bad file fails the batch call: decode one by one below
+    if cuda:
+        torch.cuda.synchronize(device)
     ok = ok.clone()
     for n, i in enumerate(jobs):
         image = decoded[n] if decoded is not None else None
@@ -687,6 +745,9 @@ def pipeline_loader(
     )
 
 
+LOADER_BATCH = 64  # images per worker batch: small batches keep every worker busy to the end
+
+
 def embedding_loader(
     dataset: ImageDataset,
     decode: str,
@@ -695,19 +756,26 @@ def embedding_loader(
     device: torch.device | str = "cpu",
     rank: int | None = None,
     world_size: int | None = None,
+    loader_batch_size: int | None = None,
 ) -> tuple[DataLoader, Callable | None]:
     """(loader, preprocess) to embed ``dataset`` with :func:`unicom.embed.embed_loader`.
 
     When the dataset's transform is the published eval or test transform, the ``decode``
-    pipeline replaces it (same pixels for ``exact`` and ``device-resize``); any other
-    transform is kept as it is (``sharded_loader``, preprocess None).
+    pipeline replaces it (same pixels for ``auto``, ``exact`` and ``device-resize``); any other
+    transform is kept as it is (``sharded_loader``, preprocess None). The loader's batches hold
+    ``loader_batch_size`` images (default: ``batch_size`` or 64, whichever is smaller): give
+    ``batch_size`` to ``embed_loader``, which runs the model on batches of that size. With
+    one large batch per worker, a pass over a dataset of a few dozen batches ends with most
+    workers idle, and every worker holds many batches of decoded images in memory.
     """
     device = torch.device(device)
+    decode = resolve_decode(decode, device)
+    loader_batch_size = loader_batch_size or min(batch_size, LOADER_BATCH)
     pipeline = InputPipeline.from_transform(dataset.transform, decode)
     if pipeline is None:
         if decode != "exact":
             logger.warning("decode=%s needs the eval transform; %r is used as it is", decode, dataset.transform)
         pin = device.type == "cuda"
-        return sharded_loader(dataset, batch_size, num_workers, rank, world_size, pin_memory=pin), None
-    loader = pipeline_loader(dataset, pipeline, batch_size, num_workers, device, rank, world_size)
+        return sharded_loader(dataset, loader_batch_size, num_workers, rank, world_size, pin_memory=pin), None
+    loader = pipeline_loader(dataset, pipeline, loader_batch_size, num_workers, device, rank, world_size)
     return loader, pipeline.to_device

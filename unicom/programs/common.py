@@ -38,15 +38,21 @@ def write_json(obj: dict, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def add_runtime_args(parser) -> None:
-    """Flags every program shares: device, precision, data loading."""
+def add_runtime_args(parser, compile: bool = True) -> None:
+    """Flags every program shares: device, precision, data loading (and ``--compile`` for
+    the programs that embed with a frozen model)."""
     parser.add_argument("--device", default=None,
                         help="cuda, cuda:1 or cpu (default: the local GPU when there is one, else the CPU)")
     parser.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                         help="autocast precision for the forward pass; auto = fp16 on GPUs, fp32 on CPUs")
-    parser.add_argument("--decode", default="exact", choices=DECODE_CHOICES,
-                        help="input pipeline: exact (default) and device-resize give the published pixels; "
-                             "draft, tv and device-decode (nvJPEG on GPUs) are faster and change pixels slightly")
+    parser.add_argument("--decode", default="auto", choices=("auto", *DECODE_CHOICES),
+                        help="input pipeline: auto (default: device-resize on GPUs, exact on CPUs), exact and "
+                             "device-resize give the published pixels; draft, tv and device-decode (nvJPEG on "
+                             "GPUs) are faster and change pixels slightly")
+    if compile:
+        parser.add_argument("--compile", action="store_true",
+                            help="torch.compile the model for embedding (GPUs: faster after a warm-up of a "
+                                 "minute or so; no gain on CPUs)")
     parser.add_argument("--skip-bad-images", "--skip_bad_images", dest="skip_bad_images", action="store_true",
                         help="leave undecodable images out (counted in the results) instead of stopping")
 

@@ -109,9 +109,12 @@ def evaluate(model, train_set, val_set, args, device, precision) -> dict:
     """kNN accuracies for each k (and each few-shot subset), as fractions."""
     start = time.perf_counter()
     loader, preprocess = embedding_loader(train_set, args.decode, args.batch_size, args.num_workers, device)
-    train = embed_loader(model, loader, device, precision, desc="train", preprocess=preprocess).valid()
+    train = embed_loader(model, loader, device, precision, desc="train", preprocess=preprocess,
+                         batch_size=args.batch_size).valid()
     loader, preprocess = embedding_loader(val_set, args.decode, args.batch_size, args.num_workers, device)
-    val = gather_embeddings(embed_loader(model, loader, device, precision, desc="val", preprocess=preprocess))
+    val = embed_loader(model, loader, device, precision, desc="val", preprocess=preprocess,
+                       batch_size=args.batch_size)
+    val = gather_embeddings(val)
     seconds_embed = time.perf_counter() - start
     num_train = int(dist.all_reduce_sum(torch.tensor([train.features.shape[0]], device=device)).item())
     skipped_train = len(train_set) - num_train
@@ -163,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         torch.manual_seed(args.seed)
-        model, transform = load(args.model_name, device=device)
+        model, transform = load(args.model_name, device=device, compile=args.compile)
         train_set = load_image_folder(args.train_dataset, transform, args.skip_bad_images)
         val_set = load_image_folder(args.val_dataset, transform, args.skip_bad_images,
                                     class_to_idx={c: i for i, c in enumerate(train_set.classes)})

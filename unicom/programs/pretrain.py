@@ -120,7 +120,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="evaluation: queries searched at once")
     p.add_argument("--output", default="output", help="folder for model_last.pt, results.json, checkpoints")
     p.add_argument("--seed", type=int, default=1024)
-    add_runtime_args(p)
+    add_runtime_args(p, compile=False)
     add_train_args(p, title="training")
     # Published pretraining values where they differ from fine-tuning's.
     p.set_defaults(drop_path_rate=0.1, sample_rate=0.1, lr=1e-3, weight_decay=0.05, epochs=32, transform="timm")

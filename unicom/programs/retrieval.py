@@ -55,7 +55,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def embed_dataset(model, dataset, args, device, precision: str, desc: str) -> Embeddings:
     """Embed ``dataset`` sharded across processes; every process gets all rows, in dataset order."""
     loader, preprocess = embedding_loader(dataset, args.decode, args.batch_size, args.num_workers, device)
-    gathered = gather_embeddings(embed_loader(model, loader, device, precision, desc=desc, preprocess=preprocess))
+    local = embed_loader(model, loader, device, precision, desc=desc, preprocess=preprocess,
+                         batch_size=args.batch_size)
+    gathered = gather_embeddings(local)
     order = torch.arange(len(dataset), device=gathered.indices.device)
     if not torch.equal(gathered.indices, order):
         raise RuntimeError("internal error: gathered embeddings are not in dataset order")
@@ -118,9 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         if not args.eval:
+            if args.compile:
+                raise ValueError("--compile applies to --eval (embedding with a frozen model); fine-tuning runs "
+                                 "eagerly")
             return train(args, device)
         torch.manual_seed(args.seed)
-        model, transform = load(args.model_name, device=device)
+        model, transform = load(args.model_name, device=device, compile=args.compile)
         data = load_retrieval_dataset(args.dataset, args.data_root, "test", transform, args.skip_bad_images)
         precision = resolve_precision(args.precision, device)
         result = evaluate(model, data, args, device, precision)

@@ -1,0 +1,127 @@
+"""Where the time of an input pipeline goes: per-image worker costs, per-batch main-process costs,
+and the loader alone. Complements ``bench_throughput`` (which times whole pipelines).
+
+    python -m benchmarks.profile_pipeline                 # GPU host: 2048 JPEGs of 500x375
+    python -m benchmarks.profile_pipeline --count 128     # a quick look on the CPU
+
+(1) one process, per image (ms): the published float transform, and what each ``--decode``
+    option's workers do; (2) per batch of ``--batch`` images, in the main process (ms): pinning
+    and moving the batch to the device, and the device work (resize, nvJPEG decode), each
+    synchronised; (3) the DataLoader alone (workers, collation, pinning; no device work),
+    images/s; (4) whether torchvision's CPU decoder gives PIL's pixels on these files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_throughput import write_photos  # noqa: E402
+
+from unicom.data import ImageDataset  # noqa: E402
+from unicom.data.fast import InputPipeline, pipeline_loader  # noqa: E402
+from unicom.transforms import eval_transform  # noqa: E402
+
+
+def _ms(fn, items) -> float:
+    start = time.perf_counter()
+    for item in items:
+        fn(item)
+    return (time.perf_counter() - start) * 1e3 / max(len(items), 1)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--count", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--loader-batch", type=int, default=64)
+    p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 16))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    with tempfile.TemporaryDirectory(prefix="unicom-profile-") as tmp:
+        paths = write_photos(Path(tmp), args.count, (500, 375), args.workers, 0)
+        dataset = ImageDataset(paths, [0] * len(paths), eval_transform(224))
+        sample = list(range(min(256, len(paths))))
+
+        print(f"(1) per image, one process, {len(sample)} images of 500x375 (ms)")
+        print(f"  published float transform   {_ms(lambda i: dataset[i], sample):6.2f}")
+        for decode in ("exact", "device-resize", "tv", "device-decode"):
+            wrapped = InputPipeline(decode).dataset(dataset)
+            print(f"  worker item, {decode:14s}  {_ms(lambda i, w=wrapped: w[i], sample):6.2f}")
+        wrapped = InputPipeline("device-resize").dataset(dataset)
+        items = [wrapped[i] for i in range(args.loader_batch)]
+        print(f"  collate of {args.loader_batch} (device-resize, per image) "
+              f"{_ms(lambda _: wrapped.collate(items), range(5)) / args.loader_batch:6.3f}")
+
+        print(f"\n(2) per batch of {args.batch} in the main process, on {device} (ms, synchronised)")
+        for decode in ("exact", "device-resize", "device-decode"):
+            pipeline = InputPipeline(decode)
+            wrapped = pipeline.dataset(dataset)
+            batch = wrapped.collate([wrapped[i] for i in range(args.batch)])
+            images, _, _, ok = batch
+            times = {"pin": [], "to_device": []}
+            for _ in range(4):
+                start = time.perf_counter()
+                pinned = images.pin_memory() if device.type == "cuda" else images
+                times["pin"].append(time.perf_counter() - start)
+                _sync(device)
+                start = time.perf_counter()
+                pipeline.to_device(pinned, ok, device)
+                _sync(device)
+                times["to_device"].append(time.perf_counter() - start)
+            line = "  ".join(f"{k} {1e3 * float(np.median(v)):7.1f}" for k, v in times.items())
+            print(f"  {decode:14s} {line}")
+            if decode == "device-decode" and device.type == "cuda":
+                from torchvision.io import ImageReadMode, decode_jpeg
+
+                data = [x for x in images.items]
+                runs = []
+                for _ in range(4):
+                    _sync(device)
+                    start = time.perf_counter()
+                    decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+                    _sync(device)
+                    runs.append(time.perf_counter() - start)
+                print(f"  {'':14s} of which decode_jpeg alone {1e3 * float(np.median(runs)):7.1f}")
+
+        print(f"\n(3) the DataLoader alone: {len(paths)} images, {args.workers} workers, batches of {args.loader_batch}"
+              f" (images/s)")
+        for decode in ("exact", "device-resize", "tv", "device-decode"):
+            pipeline = InputPipeline(decode)
+            for _ in range(2):  # the second pass is reported (page cache, worker start)
+                start = time.perf_counter()
+                for _batch in pipeline_loader(dataset, pipeline, args.loader_batch, args.workers, device):
+                    pass
+                seconds = time.perf_counter() - start
+            print(f"  {decode:14s} {len(paths) / seconds:9.1f}")
+
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        same = 0
+        for path in paths:
+            pil = np.asarray(Image.open(path).convert("RGB"))
+            data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+            tv = decode_jpeg(data, mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
+            same += int(np.array_equal(pil, tv))
+        print(f"\n(4) torchvision's CPU decode equals PIL's on {same} of {len(paths)} files")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
