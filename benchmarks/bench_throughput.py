@@ -80,6 +80,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--loader-batch", type=int, default=None,
                    help="images per worker batch in our pipelines (default: --batch or 64, whichever is smaller); "
                         "the model still runs on --batch images. The published pipeline loads --batch at once")
+    p.add_argument("--slots", choices=("on", "off", "both"), default="on",
+                   help="our pipelines' shared-memory slot ring (unicom.data.slots): on (default), off, or both "
+                        "(each decode option twice)")
     p.add_argument("--num-images", type=int, default=None, help="default 12000, 48 with --quick")
     p.add_argument("--image-size", default="500x375", help="WIDTHxHEIGHT of the synthetic JPEGs")
     p.add_argument("--precision", nargs="+", choices=list(PRECISIONS), default=None,
@@ -317,16 +320,17 @@ def run_published(dataset, args, device, model, workers: int) -> tuple[float, fl
 
 
 @torch.inference_mode()
-def run_ours(dataset, pipeline, args, device, model, amp) -> tuple[float, float, torch.Tensor]:
+def run_ours(dataset, pipeline, args, device, model, amp, use_slots=None) -> tuple[float, float, torch.Tensor]:
     """(images/s end to end, images/s input only, embeddings) with ``pipeline`` and ``embed_loader``."""
     start = time.perf_counter()
     for _ in range(_passes(dataset)):
-        for images, _, _, ok in pipeline_loader(dataset, pipeline, args.loader_batch, args.workers, device):
+        for images, _, _, ok in pipeline_loader(dataset, pipeline, args.loader_batch, args.workers, device,
+                                                use_slots=use_slots):
             pipeline.to_device(images, ok, device)
     _sync(device)
     input_only = _passes(dataset) * len(dataset) / (time.perf_counter() - start)
     start = time.perf_counter()
-    loader = pipeline_loader(dataset, pipeline, args.loader_batch, args.workers, device)
+    loader = pipeline_loader(dataset, pipeline, args.loader_batch, args.workers, device, use_slots=use_slots)
     precision = {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[amp]  # autocast_for's names
     result = embed_loader(model, loader, device, precision, desc=pipeline.decode, preprocess=pipeline.to_device,
                           batch_size=args.batch)
@@ -392,27 +396,28 @@ def bench_e2e(args, device, model, folder: Path) -> list[dict]:
     arithmetic = torch.equal(normalize_on_device(exact_pixels, lookup=False), published_inputs)
 
     exact_features = None
+    slot_settings = {"on": [None], "off": [False], "both": [None, False]}[args.slots]
     for decode in args.decode:
-        if decode == "device-decode" and device.type != "cuda":
-            note = " (torchvision CPU decode)"
-        else:
-            note = ""
-        pipeline = InputPipeline(decode, n_px=n)
-        try:
-            speed, input_only, features = run_ours(dataset, pipeline, args, device, ours, amp)
-            pixels = exact_pixels if decode == "exact" else pixels_of(dataset, pipeline, count, args, device)
-        except Exception as e:  # noqa: BLE001 - e.g. no nvJPEG: report and go on
-            print(f"  decode={decode} failed: {type(e).__name__}: {e}")
-            continue
-        if decode == "exact":
-            exact_features = features
-        pixel_diff = float((pixels.float() - exact_pixels.float()).abs().mean())
-        cosine = None
-        if exact_features is not None:
-            cosine = float(F.cosine_similarity(features.double(), exact_features.double(), dim=1).min())
-        rows.append({"pipeline": f"ours {decode}{note}", "model": f"ours {label}", "images_per_s": speed,
-                     "input_per_s": input_only, "ratio": speed / base, "exact": "yes" if pipeline.exact else "no",
-                     "pixel_diff": pixel_diff, "min_cos": cosine})
+        for use_slots in slot_settings:
+            note = " (torchvision CPU decode)" if decode == "device-decode" and device.type != "cuda" else ""
+            if args.slots == "both":
+                note += " no slots" if use_slots is False else " slots"
+            pipeline = InputPipeline(decode, n_px=n)
+            try:
+                speed, input_only, features = run_ours(dataset, pipeline, args, device, ours, amp, use_slots)
+                pixels = exact_pixels if decode == "exact" else pixels_of(dataset, pipeline, count, args, device)
+            except Exception as e:  # noqa: BLE001 - e.g. no nvJPEG: report and go on
+                print(f"  decode={decode}{note} failed: {type(e).__name__}: {e}")
+                continue
+            if decode == "exact" and exact_features is None:
+                exact_features = features
+            pixel_diff = float((pixels.float() - exact_pixels.float()).abs().mean())
+            cosine = None
+            if exact_features is not None:
+                cosine = float(F.cosine_similarity(features.double(), exact_features.double(), dim=1).min())
+            rows.append({"pipeline": f"ours {decode}{note}", "model": f"ours {label}", "images_per_s": speed,
+                         "input_per_s": input_only, "ratio": speed / base,
+                         "exact": "yes" if pipeline.exact else "no", "pixel_diff": pixel_diff, "min_cos": cosine})
     if exact_features is not None:
         pub_cos = float(F.cosine_similarity(pub_features.double(), exact_features.double(), dim=1).min())
         rows[0]["min_cos"] = pub_cos

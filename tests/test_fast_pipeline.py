@@ -482,3 +482,89 @@ def test_compile_flag_is_for_evaluation_only(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="--compile applies to --eval"):
         main(["--dataset", "cub", "--data-root", str(tmp_path), "--model_name", checkpoint, "--compile",
               "--device", "cpu", "--output", str(tmp_path / "out")])
+
+
+# ----------------------------------------------------------------------------- shared-memory slots
+
+
+def _loader_batches(paths, decode, use_slots, workers=2, batch=2, skip_bad_images=False):
+    dataset = ImageDataset(paths, list(range(len(paths))), eval_transform(48), skip_bad_images=skip_bad_images)
+    pipeline = InputPipeline(decode, n_px=48)
+    loader = pipeline_loader(dataset, pipeline, batch, workers, CPU, normalize_in_workers=False, use_slots=use_slots)
+    kinds, pixels, oks, indices = set(), [], [], []
+    for images, _, idx, ok in loader:
+        kinds.add(type(images).__name__)
+        x, ok = pipeline.pixels(images, ok, CPU)
+        pixels.append(x)
+        oks.append(ok)
+        indices.append(idx)
+    return kinds, torch.cat(pixels), torch.cat(oks), torch.cat(indices)
+
+
+@pytest.mark.parametrize("decode, packed", [("exact", "PackedCrops"), ("tv", "PackedCrops"),
+                                            ("device-resize", "PackedImages")])
+def test_slots_deliver_the_same_batches(files, decode, packed):
+    """Worker processes write into reused shared-memory slots: same pixels, order, indices."""
+    kinds, pixels, ok, indices = _loader_batches(files * 3, decode, use_slots=True)  # 12 batches > 6 slots
+    assert kinds == {packed}
+    reference_kinds, reference, _, _ = _loader_batches(files * 3, decode, use_slots=False)
+    assert packed not in reference_kinds
+    assert torch.equal(pixels, reference) and ok.all() and torch.equal(indices, torch.arange(len(files) * 3))
+
+
+def test_slots_fall_back_for_batches_too_large(files, monkeypatch):
+    from unicom.data import fast
+
+    monkeypatch.setattr(fast, "_IMAGE_ALLOWANCE", 16)  # no batch of whole images fits its slot
+    kinds, pixels, _, _ = _loader_batches(files, "device-resize", use_slots=True)
+    assert kinds == {"PaddedGroups"}
+    assert torch.equal(pixels, _loader_batches(files, "device-resize", use_slots=False)[1])
+
+
+def test_slots_with_bad_images_skipped(files, tmp_path):
+    bad = str(synth.make_bad_images(tmp_path)["truncated"])
+    paths = [files[0], bad, files[2], bad]
+    for decode in ("exact", "device-resize"):
+        kinds, pixels, ok, _ = _loader_batches(paths, decode, use_slots=True, skip_bad_images=True)
+        assert kinds == {"PackedCrops" if decode == "exact" else "PackedImages"}
+        assert ok.tolist() == [True, False, True, False]
+        assert torch.equal(pixels[ok], eval_transform_uint8_batch([files[0], files[2]]))
+
+
+def eval_transform_uint8_batch(paths):
+    return torch.stack([eval_transform_uint8(48)(Image.open(p)) for p in paths])
+
+
+def test_slots_detect_batches_used_out_of_order(files):
+    """Holding batches back lets workers reuse their slots: using one then raises, never wrong pixels."""
+    dataset = ImageDataset(files, list(range(len(files))), eval_transform(48))
+    pipeline = InputPipeline("exact", n_px=48)
+    loader = pipeline_loader(dataset, pipeline, 1, 1, CPU, normalize_in_workers=False, use_slots=True,
+                             prefetch_factor=1)  # 3 slots, 8 batches
+    batches = list(loader)
+    with pytest.raises(RuntimeError, match="overwritten"):
+        for images, _, _, ok in batches:
+            pipeline.pixels(images, ok, CPU)
+
+
+def test_slot_pool_basics():
+    from unicom.data import slots
+
+    pool = slots.SlotPool(2, 8)
+    assert pool.slot_for(0, 9) is None  # too large
+    slot, view = pool.slot_for(3, 4)
+    assert slot == 1
+    view.copy_(torch.arange(4, dtype=torch.uint8))
+    ref = pool.ref(slot, 3, 4)
+    assert ref.pin_memory() is ref and slots.pool_of(ref) is pool
+    out = pool.fetch(ref, CPU)
+    view.zero_()
+    assert out.tolist() == [0, 1, 2, 3]  # a copy: the slot may be rewritten at once
+    pool.slot_for(5, 4)  # the next user of slot 1
+    with pytest.raises(RuntimeError, match="batch 3 was overwritten by batch 5"):
+        pool.fetch(ref, CPU)
+    slots.release(pool.id)
+    with pytest.raises(RuntimeError, match="pool is gone"):
+        slots.pool_of(ref)
+    with pytest.raises(ValueError):
+        slots.SlotPool(0, 8)

@@ -39,6 +39,7 @@ import functools
 import io
 import logging
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..distributed import shard_range
 from ..transforms import MEAN, STD, ToRGB, to_rgb
+from . import slots
 from .image import _DECODE_ERRORS, BadImageError, ImageDataset
 from .loader import sharded_loader
 
@@ -454,6 +456,40 @@ class EncodedBatch:
         return len(self.items)
 
 
+@dataclass
+class PackedCrops:
+    """A batch of uint8 crops (B, 3, n, n) waiting in a shared-memory slot (see :mod:`.slots`)."""
+
+    ref: slots.SlotRef
+    shape: tuple[int, int, int, int]
+
+    def pin_memory(self) -> PackedCrops:
+        return self
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+
+@dataclass
+class PackedImages:
+    """Whole decoded images, back to back (H, W, 3) in a shared-memory slot, for the device resize.
+
+    sizes: (h, w) and offsets (bytes) of each image; groups: (positions, vertical_first,
+    tables) as in :class:`PaddedGroups`.
+    """
+
+    ref: slots.SlotRef
+    sizes: list[tuple[int, int]]
+    offsets: list[int]
+    groups: list[tuple[list[int], bool, tuple[torch.Tensor, ...]]]
+
+    def pin_memory(self) -> PackedImages:
+        return self
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+
 def _jpeg_bytes(path: str) -> bytes | None:
     """The file's bytes if it is a complete JPEG (SOI marker, EOI marker near the end), else None.
 
@@ -495,6 +531,37 @@ class _PipelineDataset(Dataset):
     def collate(self, batch: Sequence[tuple[Any, int, int, bool]]):
         """The pipeline's collate, knowing this dataset's file names."""
         return self.pipeline.collate(batch, self.base, self.normalize_in_workers)
+
+    def load_batch(self, seq: int, positions: Sequence[int], pool: slots.SlotPool | None):
+        """Batch ``seq`` (items ``positions`` of this dataset), collated; its pixels go into
+        ``pool``'s slot for ``seq`` when they fit (else, and without a pool, as :meth:`collate`)."""
+        batch = [self[i] for i in positions]
+        if pool is None or self.pipeline.decode == "device-decode":
+            return self.collate(batch)
+        images, labels, indices, ok = zip(*batch)
+        labels = torch.tensor(labels, dtype=torch.long)
+        indices = torch.tensor(indices, dtype=torch.long)
+        ok = torch.tensor(ok, dtype=torch.bool)
+        if self.pipeline.decode == "device-resize":
+            sizes = [(x.shape[0], x.shape[1]) for x in images]
+            offsets = np.concatenate([[0], np.cumsum([x.numel() for x in images])]).tolist()
+            place = pool.slot_for(seq, offsets[-1])
+            if place is None:
+                return self.collate(batch)
+            slot, view = place
+            for x, start, end in zip(images, offsets, offsets[1:]):
+                view[start:end].copy_(x.reshape(-1))
+            groups = [(positions_, flag, _padded_tables([sizes[i] for i in positions_], self.pipeline.resize,
+                                                        self.pipeline.n_px))
+                      for positions_, flag in _plan(sizes, self.pipeline.resize, self.pipeline.n_px)]
+            return PackedImages(pool.ref(slot, seq, offsets[-1]), sizes, offsets[:-1], groups), labels, indices, ok
+        shape = (len(images), *images[0].shape)
+        place = pool.slot_for(seq, math.prod(shape))
+        if place is None:
+            return self.collate(batch)
+        slot, view = place
+        torch.stack(list(images), out=view.view(shape))
+        return PackedCrops(pool.ref(slot, seq, math.prod(shape)), shape), labels, indices, ok
 
     def _pil(self, index: int) -> Image.Image:
         if self.pipeline.decode != "draft":
@@ -637,6 +704,10 @@ class InputPipeline:
         """A collated batch -> (uint8 (B, 3, n, n) on ``device``, ok (B,))."""
         if isinstance(images, torch.Tensor) and images.is_floating_point():
             raise ValueError("this batch was normalised in the loader: build it with normalize_in_workers=False")
+        if isinstance(images, PackedCrops):
+            return slots.pool_of(images.ref).fetch(images.ref, device).view(images.shape), ok
+        if isinstance(images, PackedImages):
+            return self._resize_packed(images, device), ok
         if isinstance(images, PaddedGroups):
             out = torch.empty(images.batch_size, 3, self.n_px, self.n_px, dtype=torch.uint8, device=device)
             for pixels, sizes, positions, vertical_first, tables in images.groups:
@@ -648,6 +719,20 @@ class InputPipeline:
             decoded, ok = _decode_on(images, ok, device)
             return pillow_resize_crop(decoded, self.n_px, self.resize, device), ok
         return images.to(device, non_blocking=True), ok
+
+    def _resize_packed(self, images: PackedImages, device: torch.device) -> torch.Tensor:
+        flat = slots.pool_of(images.ref).fetch(images.ref, device)
+        out = torch.empty(len(images), 3, self.n_px, self.n_px, dtype=torch.uint8, device=device)
+        for positions, vertical_first, tables in images.groups:
+            sizes = [images.sizes[i] for i in positions]
+            hmax, wmax = max(h for h, _ in sizes), max(w for _, w in sizes)
+            padded = torch.zeros(len(positions), hmax, wmax, 3, dtype=torch.uint8, device=device)
+            for g, (i, (h, w)) in enumerate(zip(positions, sizes)):
+                start = images.offsets[i]
+                padded[g, :h, :w] = flat[start:start + h * w * 3].view(h, w, 3)
+            result = _resize_padded(padded, sizes, self.resize, self.n_px, vertical_first, tables)
+            out[torch.tensor(positions, device=device)] = result
+        return out
 
     def to_device(self, images, ok: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """A collated batch -> (float32 normalised (B, 3, n, n) on ``device``, ok (B,))."""
@@ -708,6 +793,30 @@ def _pil_fallback(batch: EncodedBatch, i: int) -> torch.Tensor | None:
         return None
 
 
+class _BatchDataset(Dataset):
+    """Whole batches as items (the DataLoader's auto-batching off): item ``seq`` is batch ``seq``,
+    loaded by :meth:`_PipelineDataset.load_batch` into the pool's slot for ``seq``."""
+
+    def __init__(self, wrapped: _PipelineDataset, batches: list[list[int]], pool: slots.SlotPool | None) -> None:
+        self.wrapped = wrapped
+        self.batches = batches
+        self.pool = pool
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, seq: int):
+        return self.wrapped.load_batch(seq, self.batches[seq], self.pool)
+
+
+def _whole(batch):
+    return batch
+
+
+SLOT_POOL_BYTES = 2 << 30  # at most this much shared (and, on CUDA, pinned) memory per loader
+_IMAGE_ALLOWANCE = 3 * 1024 * 768  # bytes per decoded image a device-resize slot plans for
+
+
 def pipeline_loader(
     dataset: ImageDataset,
     pipeline: InputPipeline,
@@ -719,6 +828,7 @@ def pipeline_loader(
     persistent_workers: bool = False,
     prefetch_factor: int = 4,
     normalize_in_workers: bool | None = None,
+    use_slots: bool | None = None,
 ) -> DataLoader:
     """A DataLoader over this rank's contiguous shard of ``dataset``, loaded as ``pipeline`` says.
 
@@ -726,6 +836,11 @@ def pipeline_loader(
     pinned host memory for CUDA devices and a deeper prefetch queue. Give ``pipeline.to_device``
     to :func:`unicom.embed.embed_loader` as ``preprocess``. ``normalize_in_workers`` (default:
     for CPU devices) normalises the uint8 crops in the workers rather than on the device.
+
+    ``use_slots`` (default: with worker processes, when the workers return uint8 pixels): the
+    workers write pixels into a ring of reused shared-memory slots (:mod:`unicom.data.slots`)
+    instead of a fresh segment per batch. Batches must then be moved to the device (``pixels``
+    or ``to_device``) in order, each before the next is fetched, as ``embed_loader`` does.
     """
     device = torch.device(device)
     if normalize_in_workers is None:
@@ -733,16 +848,27 @@ def pipeline_loader(
     indices = shard_range(len(dataset), rank, world_size)
     workers = {"prefetch_factor": prefetch_factor, "persistent_workers": persistent_workers} if num_workers > 0 else {}
     wrapped = pipeline.dataset(dataset, normalize_in_workers)
-    return DataLoader(
-        Subset(wrapped, indices),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=wrapped.collate,
-        pin_memory=device.type == "cuda",
-        drop_last=False,
-        **workers,
-    )
+    if use_slots is None:
+        use_slots = num_workers > 0 and not normalize_in_workers and pipeline.decode != "device-decode"
+    if not use_slots or normalize_in_workers or pipeline.decode == "device-decode":
+        return DataLoader(Subset(wrapped, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                          collate_fn=wrapped.collate, pin_memory=device.type == "cuda", drop_last=False, **workers)
+    # Two batches ahead per worker keep it busy; every batch in flight needs a slot of its own.
+    prefetch_factor = min(prefetch_factor, 2)
+    if num_workers > 0:
+        workers["prefetch_factor"] = prefetch_factor
+    in_flight = max(num_workers, 1) * (prefetch_factor if num_workers > 0 else 1)
+    num_slots = in_flight + 2
+    if pipeline.decode == "device-resize":
+        slot_bytes = min(batch_size * _IMAGE_ALLOWANCE, SLOT_POOL_BYTES // num_slots)
+    else:
+        slot_bytes = batch_size * 3 * pipeline.n_px * pipeline.n_px
+    pool = slots.SlotPool(num_slots, slot_bytes, pin=device.type == "cuda")
+    batches = [list(indices[i:i + batch_size]) for i in range(0, len(indices), batch_size)]
+    batch_dataset = _BatchDataset(wrapped, batches, pool)
+    weakref.finalize(batch_dataset, slots.release, pool.id)  # loaders and their iterators hold the dataset
+    return DataLoader(batch_dataset, batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=_whole,
+                      pin_memory=device.type == "cuda", **workers)
 
 
 LOADER_BATCH = 64  # images per worker batch: small batches keep every worker busy to the end
