@@ -12,8 +12,11 @@
     the published pipeline (float transform in DataLoader workers, no pinned memory, the
     published graph) and by ours with every ``--decode`` option (``unicom.data.fast``), the
     model compiled when ``--compile``. Images/s with and without the model, ratios against
-    the published pipeline, and each option's deviation from the exact path: mean absolute
-    pixel difference (0-255) and minimum cosine similarity of the embeddings.
+    the published pipeline (``--published-workers``, 8 as published; also with ``--workers``),
+    and each option's deviation from the exact path: mean absolute pixel difference (0-255)
+    and minimum cosine similarity of the embeddings. Ours load ``--loader-batch`` images per
+    worker batch, through the shared-memory slot ring unless ``--slots off`` (``both`` runs
+    each option with and without).
 
     python -m benchmarks.bench_throughput                        # a GPU: full sizes
     python -m benchmarks.bench_throughput --model ViT-L/14 --batch 256 --skip-e2e

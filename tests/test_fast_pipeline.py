@@ -568,3 +568,51 @@ def test_slot_pool_basics():
         slots.pool_of(ref)
     with pytest.raises(ValueError):
         slots.SlotPool(0, 8)
+
+
+def test_slot_pool_size_from_the_environment(files, monkeypatch):
+    monkeypatch.setenv("UNICOM_SLOT_POOL_MB", "0")  # whole-image slots off
+    kinds, _, _, _ = _loader_batches(files, "device-resize", use_slots=None)
+    assert kinds == {"PaddedGroups"}
+    assert _loader_batches(files, "exact", use_slots=None)[0] == {"PackedCrops"}  # crops are small: still on
+    monkeypatch.setenv("UNICOM_SLOT_POOL_MB", "lots")
+    with pytest.raises(ValueError, match="UNICOM_SLOT_POOL_MB"):
+        _loader_batches(files, "device-resize", use_slots=None)
+
+
+def test_tv_decode_gives_pils_pixels_where_the_decoders_agree(files):
+    """torchvision's libjpeg-turbo in the workers, Pillow's resize replayed on the device.
+
+    RGB and grayscale JPEGs are decoded by torchvision, the CMYK JPEG and the PNGs by PIL.
+    On these files (and every file checked so far) the two decoders agree, so the pixels are
+    the published ones; the test says so if a future build of either stops agreeing.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from unicom.data.fast import _turbo_hwc
+    from unicom.transforms import to_rgb
+
+    for path in files:
+        if path.endswith(".jpg"):
+            turbo = _turbo_hwc(decode_jpeg(torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8),
+                                           mode=ImageReadMode.UNCHANGED))
+            pil = torch.from_numpy(np.array(to_rgb(Image.open(path))))
+            if Image.open(path).mode == "CMYK":
+                assert turbo is None
+            else:
+                assert torch.equal(turbo, pil), path
+    for workers in (0, 2):
+        kinds, pixels, ok, _ = _loader_batches(files, "tv-decode", use_slots=None, workers=workers)
+        assert kinds == ({"PackedImages"} if workers else {"PaddedGroups"}) and ok.all()
+        assert torch.equal(pixels, eval_transform_uint8_batch(files))
+
+
+@pytest.mark.parametrize("decode", ["device-resize", "tv-decode"])
+def test_slots_with_groups_of_one_size_and_of_many(files, decode):
+    """Images of one size lie as one block in the slot (no copies on the device); mixed sizes are padded."""
+    uniform = [files[0]] * 4 + [files[1]] * 4  # 160x120 and 120x160: one group each
+    mixed = files[:4] * 2
+    for paths in (uniform, mixed):
+        kinds, pixels, ok, _ = _loader_batches(paths, decode, use_slots=True, batch=4)
+        assert kinds == {"PackedImages"} and ok.all()
+        assert torch.equal(pixels, eval_transform_uint8_batch(paths))

@@ -27,6 +27,12 @@ split the work differently; the ``decode`` option picks one:
     The workers read file bytes; torchvision decodes the batch on the device (nvJPEG on
     CUDA) and the exact resize runs there. Changes pixels where the decoder differs from
     libjpeg-turbo (nvJPEG does).
+``tv-decode``
+    torchvision's CPU decoder (libjpeg-turbo, a third less work than PIL's decode, which
+    parses and feeds the file from Python) decodes JPEGs in the workers, and the exact
+    resize runs on the device. PIL's pixels wherever the two libjpeg-turbo builds agree: on
+    every file checked so far (thousands, with Pillow 12.3 and 13.0), but they are two
+    builds, so this is not guaranteed; CMYK JPEGs and other formats go through PIL.
 
 Every pipeline starts from an :class:`~unicom.data.image.ImageDataset` whose transform is the
 published eval (or test) transform: :meth:`InputPipeline.from_transform` recognises it and
@@ -39,6 +45,7 @@ import functools
 import io
 import logging
 import math
+import os
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -73,8 +80,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DECODE_CHOICES = ("exact", "device-resize", "draft", "tv", "device-decode")
+DECODE_CHOICES = ("exact", "device-resize", "draft", "tv", "device-decode", "tv-decode")
 EXACT_DECODES = ("exact", "device-resize")
+WHOLE_IMAGE_DECODES = ("device-resize", "tv-decode")  # the workers send whole decoded images
 
 
 def resolve_decode(decode: str, device: torch.device | str) -> str:
@@ -474,8 +482,9 @@ class PackedCrops:
 class PackedImages:
     """Whole decoded images, back to back (H, W, 3) in a shared-memory slot, for the device resize.
 
-    sizes: (h, w) and offsets (bytes) of each image; groups: (positions, vertical_first,
-    tables) as in :class:`PaddedGroups`.
+    sizes: (h, w) and offsets (bytes) of each image, in batch order; the images lie group by
+    group, so a group whose images share one size is a (G, h, w, 3) block. groups:
+    (positions, vertical_first, tables) as in :class:`PaddedGroups`.
     """
 
     ref: slots.SlotRef
@@ -542,19 +551,23 @@ class _PipelineDataset(Dataset):
         labels = torch.tensor(labels, dtype=torch.long)
         indices = torch.tensor(indices, dtype=torch.long)
         ok = torch.tensor(ok, dtype=torch.bool)
-        if self.pipeline.decode == "device-resize":
+        if self.pipeline.decode in WHOLE_IMAGE_DECODES:
             sizes = [(x.shape[0], x.shape[1]) for x in images]
-            offsets = np.concatenate([[0], np.cumsum([x.numel() for x in images])]).tolist()
-            place = pool.slot_for(seq, offsets[-1])
+            plan = _plan(sizes, self.pipeline.resize, self.pipeline.n_px)
+            order = [i for positions_, _ in plan for i in positions_]  # group by group: a group of one size
+            ends = np.cumsum([images[i].numel() for i in order]).tolist()  # is one (G, h, w, 3) block
+            place = pool.slot_for(seq, ends[-1])
             if place is None:
                 return self.collate(batch)
             slot, view = place
-            for x, start, end in zip(images, offsets, offsets[1:]):
-                view[start:end].copy_(x.reshape(-1))
+            offsets = [0] * len(images)
+            for i, end in zip(order, ends):
+                offsets[i] = end - images[i].numel()
+                view[offsets[i]:end].copy_(images[i].reshape(-1))
             groups = [(positions_, flag, _padded_tables([sizes[i] for i in positions_], self.pipeline.resize,
                                                         self.pipeline.n_px))
-                      for positions_, flag in _plan(sizes, self.pipeline.resize, self.pipeline.n_px)]
-            return PackedImages(pool.ref(slot, seq, offsets[-1]), sizes, offsets[:-1], groups), labels, indices, ok
+                      for positions_, flag in plan]
+            return PackedImages(pool.ref(slot, seq, ends[-1]), sizes, offsets, groups), labels, indices, ok
         shape = (len(images), *images[0].shape)
         place = pool.slot_for(seq, math.prod(shape))
         if place is None:
@@ -584,7 +597,7 @@ class _PipelineDataset(Dataset):
         label = int(self.base.labels[index])
         sample = self.base.samples[index]
         decode = self.pipeline.decode
-        if decode in ("tv", "device-decode") and not isinstance(sample, (Image.Image, np.ndarray)):
+        if decode in ("tv", "device-decode", "tv-decode") and not isinstance(sample, (Image.Image, np.ndarray)):
             data = _jpeg_bytes(self.base.paths[index])
             if data is not None:
                 encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -593,7 +606,11 @@ class _PipelineDataset(Dataset):
                 try:
                     from torchvision.io import ImageReadMode, decode_jpeg
 
-                    return self._tv(decode_jpeg(encoded, mode=ImageReadMode.RGB)), label, index, True
+                    if decode == "tv":
+                        return self._tv(decode_jpeg(encoded, mode=ImageReadMode.RGB)), label, index, True
+                    pixels = _turbo_hwc(decode_jpeg(encoded, mode=ImageReadMode.UNCHANGED))
+                    if pixels is not None:
+                        return pixels, label, index, True
                 except RuntimeError:
                     pass  # e.g. a JPEG flavour libjpeg-turbo refuses: PIL decides below
         try:
@@ -604,6 +621,16 @@ class _PipelineDataset(Dataset):
             logger.warning("skipping %s", error.path)
             return self._transform(Image.new("RGB", self.base.placeholder_size)), label, index, False
         return self._transform(image), label, index, True
+
+
+def _turbo_hwc(decoded: torch.Tensor) -> torch.Tensor | None:
+    """torchvision's decode (C, H, W) -> (H, W, 3) as PIL's ``convert("RGB")`` gives it, for
+    colour (YCbCr) and grayscale JPEGs; None for others (CMYK: PIL converts those its own way)."""
+    if decoded.shape[0] == 3:
+        return decoded.permute(1, 2, 0).contiguous()
+    if decoded.shape[0] == 1:
+        return decoded.expand(3, -1, -1).permute(1, 2, 0).contiguous()  # L -> RGB repeats the value
+    return None
 
 
 def _hwc(image: Image.Image) -> torch.Tensor:
@@ -726,10 +753,14 @@ class InputPipeline:
         for positions, vertical_first, tables in images.groups:
             sizes = [images.sizes[i] for i in positions]
             hmax, wmax = max(h for h, _ in sizes), max(w for _, w in sizes)
-            padded = torch.zeros(len(positions), hmax, wmax, 3, dtype=torch.uint8, device=device)
-            for g, (i, (h, w)) in enumerate(zip(positions, sizes)):
-                start = images.offsets[i]
-                padded[g, :h, :w] = flat[start:start + h * w * 3].view(h, w, 3)
+            start = images.offsets[positions[0]]
+            if all(size == (hmax, wmax) for size in sizes):  # packed back to back: a view, no copies
+                padded = flat[start:start + len(positions) * hmax * wmax * 3].view(len(positions), hmax, wmax, 3)
+            else:
+                padded = torch.zeros(len(positions), hmax, wmax, 3, dtype=torch.uint8, device=device)
+                for g, (i, (h, w)) in enumerate(zip(positions, sizes)):
+                    start = images.offsets[i]
+                    padded[g, :h, :w] = flat[start:start + h * w * 3].view(h, w, 3)
             result = _resize_padded(padded, sizes, self.resize, self.n_px, vertical_first, tables)
             out[torch.tensor(positions, device=device)] = result
         return out
@@ -813,7 +844,16 @@ def _whole(batch):
     return batch
 
 
-SLOT_POOL_BYTES = 2 << 30  # at most this much shared (and, on CUDA, pinned) memory per loader
+SLOT_POOL_MB = 2048  # default cap of a device-resize loader's slots (shared, and on CUDA pinned, memory)
+
+
+def _slot_pool_bytes() -> int:
+    value = os.environ.get("UNICOM_SLOT_POOL_MB", str(SLOT_POOL_MB))
+    try:
+        megabytes = int(value)
+    except ValueError:
+        raise ValueError(f"UNICOM_SLOT_POOL_MB must be a whole number of MiB, got {value!r}") from None
+    return max(megabytes, 0) << 20
 _IMAGE_ALLOWANCE = 3 * 1024 * 768  # bytes per decoded image a device-resize slot plans for
 
 
@@ -839,7 +879,9 @@ def pipeline_loader(
 
     ``use_slots`` (default: with worker processes, when the workers return uint8 pixels): the
     workers write pixels into a ring of reused shared-memory slots (:mod:`unicom.data.slots`)
-    instead of a fresh segment per batch. Batches must then be moved to the device (``pixels``
+    instead of a fresh segment per batch. Crops need ``batch_size * 3 * n_px**2`` bytes per
+    slot; whole images (``device-resize``) share at most ``UNICOM_SLOT_POOL_MB`` MiB (default
+    2048; 0 turns their slots off), and a batch that does not fit travels the usual way. Batches must then be moved to the device (``pixels``
     or ``to_device``) in order, each before the next is fetched, as ``embed_loader`` does.
     """
     device = torch.device(device)
@@ -849,7 +891,8 @@ def pipeline_loader(
     workers = {"prefetch_factor": prefetch_factor, "persistent_workers": persistent_workers} if num_workers > 0 else {}
     wrapped = pipeline.dataset(dataset, normalize_in_workers)
     if use_slots is None:
-        use_slots = num_workers > 0 and not normalize_in_workers and pipeline.decode != "device-decode"
+        use_slots = (num_workers > 0 and not normalize_in_workers and pipeline.decode != "device-decode"
+                     and (pipeline.decode not in WHOLE_IMAGE_DECODES or _slot_pool_bytes() > 0))
     if not use_slots or normalize_in_workers or pipeline.decode == "device-decode":
         return DataLoader(Subset(wrapped, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                           collate_fn=wrapped.collate, pin_memory=device.type == "cuda", drop_last=False, **workers)
@@ -859,8 +902,8 @@ def pipeline_loader(
         workers["prefetch_factor"] = prefetch_factor
     in_flight = max(num_workers, 1) * (prefetch_factor if num_workers > 0 else 1)
     num_slots = in_flight + 2
-    if pipeline.decode == "device-resize":
-        slot_bytes = min(batch_size * _IMAGE_ALLOWANCE, SLOT_POOL_BYTES // num_slots)
+    if pipeline.decode in WHOLE_IMAGE_DECODES:
+        slot_bytes = max(1, min(batch_size * _IMAGE_ALLOWANCE, _slot_pool_bytes() // num_slots))
     else:
         slot_bytes = batch_size * 3 * pipeline.n_px * pipeline.n_px
     pool = slots.SlotPool(num_slots, slot_bytes, pin=device.type == "cuda")

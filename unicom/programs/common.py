@@ -47,8 +47,9 @@ def add_runtime_args(parser, compile: bool = True) -> None:
                         help="autocast precision for the forward pass; auto = fp16 on GPUs, fp32 on CPUs")
     parser.add_argument("--decode", default="auto", choices=("auto", *DECODE_CHOICES),
                         help="input pipeline: auto (default: device-resize on GPUs, exact on CPUs), exact and "
-                             "device-resize give the published pixels; draft, tv and device-decode (nvJPEG on "
-                             "GPUs) are faster and change pixels slightly")
+                             "device-resize give the published pixels; tv-decode gives them wherever torchvision's "
+                             "and Pillow's libjpeg-turbo agree; draft, tv and device-decode (nvJPEG on GPUs) change "
+                             "pixels slightly (see the README)")
     if compile:
         parser.add_argument("--compile", action="store_true",
                             help="torch.compile the model for embedding (GPUs: faster after a warm-up of a "
