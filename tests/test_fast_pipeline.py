@@ -616,3 +616,20 @@ def test_slots_with_groups_of_one_size_and_of_many(files, decode):
         kinds, pixels, ok, _ = _loader_batches(paths, decode, use_slots=True, batch=4)
         assert kinds == {"PackedImages"} and ok.all()
         assert torch.equal(pixels, eval_transform_uint8_batch(paths))
+
+
+@pytest.mark.filterwarnings("ignore::unicom.data.DatasetCountWarning")
+def test_retrieval_program_compiled_model(checkpoint, tmp_path):
+    """--compile (torch.compile through load()) embeds as the eager model does (inductor on the CPU)."""
+    from unicom.programs.retrieval import main
+
+    written = synth.make_cub(tmp_path / "data", num_classes=6, per_class=3)
+    records = {}
+    for flags in ([], ["--compile"]):
+        out = tmp_path / ("compiled" if flags else "eager")
+        argv = ["--eval", "--dataset", "cub", "--data-root", str(written.root), "--model_name", checkpoint,
+                "--output", str(out), "--num_workers", "0", "--batch_size", "8", "--device", "cpu", *flags]
+        assert main(argv) == 0
+        records[bool(flags)] = json.loads((out / "results.json").read_text())
+    keys = ("recall", "map_at_r", "r_precision", "num_query")
+    assert {k: records[True][k] for k in keys} == {k: records[False][k] for k in keys}
