@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -64,7 +65,16 @@ def embed_dataset(model, dataset, args, device, precision: str, desc: str) -> Em
     return gathered
 
 
-def evaluate(model, data: RetrievalDataset, args, device: torch.device, precision: str) -> dict:
+@dataclass
+class Evaluation:
+    """The metrics of one evaluation (fractions) and the embeddings they came from (valid rows)."""
+
+    metrics: dict
+    query: Embeddings
+    gallery: Embeddings | None
+
+
+def run_evaluation(model, data: RetrievalDataset, args, device: torch.device, precision: str) -> Evaluation:
     """Embed query (and gallery) sets and compute Recall@K, MAP@R and R-precision (fractions)."""
     start = time.perf_counter()
     query = embed_dataset(model, data.query, args, device, precision, "query")
@@ -77,18 +87,22 @@ def evaluate(model, data: RetrievalDataset, args, device: torch.device, precisio
     query = query.valid()
     gallery = gallery.valid() if gallery else None
     dims = slice(None) if args.num_feat is None else slice(0, args.num_feat)
-    result = retrieval_metrics(
+    metrics = retrieval_metrics(
         query.features[:, dims], query.labels,
         gallery.features[:, dims] if gallery else None, gallery.labels if gallery else None,
         ks=data.ks, chunk_size=args.chunk_size,
     )
-    result.update(
+    metrics.update(
         skipped_images=skipped,
         images_per_second=num_images / max(seconds_embed, 1e-9),
         seconds=time.perf_counter() - start,
-        _query=query, _gallery=gallery,
     )
-    return result
+    return Evaluation(metrics, query, gallery)
+
+
+def evaluate(model, data: RetrievalDataset, args, device: torch.device, precision: str) -> dict:
+    """The metrics of :func:`run_evaluation` (for the training loops' per-epoch evaluation)."""
+    return run_evaluation(model, data, args, device, precision).metrics
 
 
 def report(result: dict, data: RetrievalDataset, args) -> dict:
@@ -128,15 +142,15 @@ def main(argv: list[str] | None = None) -> int:
         model, transform = load(args.model_name, device=device, compile=args.compile)
         data = load_retrieval_dataset(args.dataset, args.data_root, "test", transform, args.skip_bad_images)
         precision = resolve_precision(args.precision, device)
-        result = evaluate(model, data, args, device, precision)
+        evaluation = run_evaluation(model, data, args, device, precision)
         if dist.is_main_process():
-            record = report(result, data, args)
+            record = report(evaluation.metrics, data, args)
             write_json(record, Path(args.output) / "results.json")
             if args.visualize:
                 from ..visualize import retrieval_grid
 
                 path = Path(args.output) / "retrieval_examples.png"
-                retrieval_grid(result["_query"], result["_gallery"], data, args.visualize, path,
+                retrieval_grid(evaluation.query, evaluation.gallery, data, args.visualize, path,
                                seed=args.seed, num_feat=args.num_feat)
                 logger.info("wrote %s", path)
         dist.barrier()
