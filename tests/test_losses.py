@@ -270,6 +270,14 @@ def test_partial_fc_init_and_validation() -> None:
             PartialFC(CombinedMarginLoss(), 64, 1000, **kwargs)
 
 
+@pytest.mark.parametrize("bad", [-1, 10])
+def test_partial_fc_rejects_labels_out_of_range(bad: int) -> None:
+    pfc = PartialFC(CombinedMarginLoss(), 8, 10)
+    with pytest.raises(RuntimeError, match=r"labels must lie in \[0, 10\)"):
+        pfc(torch.randn(3, 8), torch.tensor([0, bad, 9]))
+    assert torch.isfinite(pfc(torch.randn(3, 8), torch.tensor([0, 5, 9])))
+
+
 # --- PartialFC, several processes -----------------------------------------------------
 
 # (world size, local batch sizes): uneven, one rank even without samples.

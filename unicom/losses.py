@@ -243,10 +243,16 @@ class PartialFC(nn.Module):
         Returns:
             Scalar loss, identical on every process.
         """
+        labels = labels.reshape(-1).long()
+        # An out-of-range label would silently count as "no centre here" on every process (a wrong
+        # loss, no error). Checked on the device without waiting for it: a RuntimeError on the
+        # CPU, a device-side assertion (which ends the process) on CUDA.
+        torch._assert_async(((labels >= 0) & (labels < self.num_classes)).all(),
+                            f"PartialFC: labels must lie in [0, {self.num_classes})")
         # Float32 at least: the softmax must not run in half precision (mixed precision).
         dtype = torch.promote_types(torch.promote_types(embeddings.dtype, self.weight.dtype), torch.float32)
         emb = distributed.all_gather_with_grad(embeddings.to(dtype))  # (N, D)
-        local_labels = distributed.all_gather_varlen(labels.reshape(-1).long()) - self.class_start  # (N,)
+        local_labels = distributed.all_gather_varlen(labels) - self.class_start  # (N,)
 
         feat = self._select_features()
         sampled = self._sample_centres(local_labels)  # (S,)
