@@ -202,6 +202,12 @@ def _compile(model):
         return None
 
 
+def _variants(model, compile: bool) -> list[tuple[bool, torch.nn.Module]]:
+    """(compiled?, module): the eager module, and its compiled form when asked and available."""
+    compiled = _compile(model) if compile else None
+    return [(False, model)] + ([(True, compiled)] if compiled is not None else [])
+
+
 def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
     widths = [max(len(title), *(len(fmt.format(r[key])) if r.get(key) is not None else 1 for r in rows))
               for key, title, fmt in columns]
@@ -245,11 +251,7 @@ def bench_model(args, device, model, accuracy_images) -> list[dict]:
             rows.append({"model": "ours (SDPA)", "precision": precision, "compiled": False,
                          "rel_err": error(ours, dtype, amp)})
             continue
-        variants = [(False, ours)]
-        if args.compile:
-            compiled = _compile(ours)
-            if compiled is not None:
-                variants.append((True, compiled))
+        variants = _variants(ours, args.compile)
         for compiled_flag, m in variants:
             try:
                 speed = time_forward(m, x32.to(dtype), args.iters, device, amp)
@@ -266,11 +268,7 @@ def bench_model(args, device, model, accuracy_images) -> list[dict]:
         dtype, amp = PRECISIONS[precision]
         for label, peer in _peer_models(args.model):
             peer = peer.to(device=device, dtype=dtype).eval()
-            variants = [(False, peer)]
-            if args.compile and args.compile_peers:
-                compiled = _compile(peer)
-                if compiled is not None:
-                    variants.append((True, compiled))
+            variants = _variants(peer, args.compile and args.compile_peers)
             for compiled_flag, m in variants:
                 try:
                     speed = time_forward(m, x32.to(dtype), args.iters, device, amp)

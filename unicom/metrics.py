@@ -198,9 +198,7 @@ def retrieval_metrics(
     descending, ties broken by lower gallery index.
     """
     _check_chunk_size(chunk_size)
-    ks = [int(k) for k in ks]
-    if not ks or min(ks) < 1:
-        raise ValueError(f"ks must be a non-empty list of positive integers, got {ks}")
+    ks = _check_ks(ks)
     exclude_self = gallery is None
     if exclude_self:
         if gallery_labels is not None:

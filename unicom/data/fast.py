@@ -545,12 +545,9 @@ class _PipelineDataset(Dataset):
         """Batch ``seq`` (items ``positions`` of this dataset), collated; its pixels go into
         ``pool``'s slot for ``seq`` when they fit (else, and without a pool, as :meth:`collate`)."""
         batch = [self[i] for i in positions]
-        if pool is None or self.pipeline.decode == "device-decode":
+        if pool is None:
             return self.collate(batch)
-        images, labels, indices, ok = zip(*batch)
-        labels = torch.tensor(labels, dtype=torch.long)
-        indices = torch.tensor(indices, dtype=torch.long)
-        ok = torch.tensor(ok, dtype=torch.bool)
+        images, labels, indices, ok = _unzip(batch)
         if self.pipeline.decode in WHOLE_IMAGE_DECODES:
             sizes = [(x.shape[0], x.shape[1]) for x in images]
             plan = _plan(sizes, self.pipeline.resize, self.pipeline.n_px)
@@ -633,6 +630,13 @@ def _turbo_hwc(decoded: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
+def _unzip(batch: Sequence[tuple[Any, int, int, bool]]):
+    """Items (image, label, index, ok) -> (images, labels (B,), indices (B,), ok (B,))."""
+    images, labels, indices, ok = zip(*batch)
+    return (images, torch.tensor(labels, dtype=torch.long), torch.tensor(indices, dtype=torch.long),
+            torch.tensor(ok, dtype=torch.bool))
+
+
 def _hwc(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(to_rgb(image), dtype=np.uint8))  # (H, W, 3)
 
@@ -704,10 +708,7 @@ class InputPipeline:
         With ``normalize`` the crops of ``exact``, ``draft`` and ``tv`` are normalised here
         (float32, the same values): better for a CPU "device", whose cores are the workers'.
         """
-        images, labels, indices, ok = zip(*batch)
-        labels = torch.tensor(labels, dtype=torch.long)
-        indices = torch.tensor(indices, dtype=torch.long)
-        ok = torch.tensor(ok, dtype=torch.bool)
+        images, labels, indices, ok = _unzip(batch)
         if self.decode in ("exact", "draft", "tv"):
             pixels = default_collate(list(images))  # (B, 3, n, n) uint8, in shared memory
             return (normalize_on_device(pixels) if normalize else pixels), labels, indices, ok
@@ -854,6 +855,8 @@ def _slot_pool_bytes() -> int:
     except ValueError:
         raise ValueError(f"UNICOM_SLOT_POOL_MB must be a whole number of MiB, got {value!r}") from None
     return max(megabytes, 0) << 20
+
+
 _IMAGE_ALLOWANCE = 3 * 1024 * 768  # bytes per decoded image a device-resize slot plans for
 
 
@@ -879,10 +882,12 @@ def pipeline_loader(
 
     ``use_slots`` (default: with worker processes, when the workers return uint8 pixels): the
     workers write pixels into a ring of reused shared-memory slots (:mod:`unicom.data.slots`)
-    instead of a fresh segment per batch. Crops need ``batch_size * 3 * n_px**2`` bytes per
-    slot; whole images (``device-resize``) share at most ``UNICOM_SLOT_POOL_MB`` MiB (default
-    2048; 0 turns their slots off), and a batch that does not fit travels the usual way. Batches must then be moved to the device (``pixels``
-    or ``to_device``) in order, each before the next is fetched, as ``embed_loader`` does.
+    instead of a fresh segment per batch (never for ``device-decode`` or batches normalised in
+    the workers). Crops need ``batch_size * 3 * n_px**2`` bytes per slot; whole images
+    (``device-resize``, ``tv-decode``) share at most ``UNICOM_SLOT_POOL_MB`` MiB (default 2048;
+    0 turns their slots off), and a batch that does not fit travels the usual way. Batches must
+    then be moved to the device (``pixels`` or ``to_device``) in order, each before the next is
+    fetched, as ``embed_loader`` does.
     """
     device = torch.device(device)
     if normalize_in_workers is None:
@@ -891,8 +896,7 @@ def pipeline_loader(
     workers = {"prefetch_factor": prefetch_factor, "persistent_workers": persistent_workers} if num_workers > 0 else {}
     wrapped = pipeline.dataset(dataset, normalize_in_workers)
     if use_slots is None:
-        use_slots = (num_workers > 0 and not normalize_in_workers and pipeline.decode != "device-decode"
-                     and (pipeline.decode not in WHOLE_IMAGE_DECODES or _slot_pool_bytes() > 0))
+        use_slots = num_workers > 0 and (pipeline.decode not in WHOLE_IMAGE_DECODES or _slot_pool_bytes() > 0)
     if not use_slots or normalize_in_workers or pipeline.decode == "device-decode":
         return DataLoader(Subset(wrapped, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                           collate_fn=wrapped.collate, pin_memory=device.type == "cuda", drop_last=False, **workers)
