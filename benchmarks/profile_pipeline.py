@@ -61,7 +61,7 @@ def main(argv=None) -> int:
 
         print(f"(1) per image, one process, {len(sample)} images of 500x375 (ms)")
         print(f"  published float transform   {_ms(lambda i: dataset[i], sample):6.2f}")
-        for decode in ("exact", "device-resize", "tv-decode", "tv", "device-decode"):
+        for decode in ("exact", "device-resize", "tv-decode", "turbo", "tv", "device-decode"):
             wrapped = InputPipeline(decode).dataset(dataset)
             print(f"  worker item, {decode:14s}  {_ms(lambda i, w=wrapped: w[i], sample):6.2f}")
         wrapped = InputPipeline("device-resize").dataset(dataset)
@@ -70,10 +70,10 @@ def main(argv=None) -> int:
               f"{_ms(lambda _: wrapped.collate(items), range(5)) / args.loader_batch:6.3f}")
 
         print(f"\n(2) per batch of {args.batch} in the main process, on {device} (ms, synchronised)")
-        for decode in ("exact", "device-resize", "tv-decode", "device-decode"):
+        for decode in ("exact", "device-resize", "tv-decode", "turbo", "device-decode"):
             pipeline = InputPipeline(decode)
             wrapped = pipeline.dataset(dataset)
-            batch = wrapped.collate([wrapped[i] for i in range(args.batch)])
+            batch = wrapped.collate([wrapped[i] for i in range(min(args.batch, len(paths)))])
             images, _, _, ok = batch
             times = {"pin": [], "to_device": []}
             for _ in range(4):
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
 
         print(f"\n(3) the DataLoader alone: {len(paths)} images, {args.workers} workers, batches of {args.loader_batch}"
               f" (images/s)")
-        for decode in ("exact", "device-resize", "tv-decode", "tv", "device-decode"):
+        for decode in ("exact", "device-resize", "tv-decode", "turbo", "tv", "device-decode"):
             pipeline = InputPipeline(decode)
             for _ in range(2):  # the second pass is reported (page cache, worker start)
                 start = time.perf_counter()

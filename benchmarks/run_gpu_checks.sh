@@ -5,8 +5,8 @@
 #   OUT=/tmp/gpu bash benchmarks/run_gpu_checks.sh          # logs and JSON files land in $OUT
 #   ONLY="profile e2e" bash benchmarks/run_gpu_checks.sh    # some steps only
 #
-# Run from the repository root; needs torch with CUDA, torchvision, timm, scikit-learn and
-# (for the open_clip peer) open_clip_torch. Every step has its own time limit, and the
+# Run from the repository root; needs torch with CUDA, torchvision, timm, scikit-learn,
+# simplejpeg (--decode turbo) and (for the open_clip peer) open_clip_torch. Every step has its own time limit, and the
 # optional ones are skipped when less than their limit is left of BUDGET_S seconds.
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
@@ -39,11 +39,11 @@ step() {  # step NAME LIMIT_S COMMAND...: run it if LIMIT_S fits in what is left
 'torchvision', torchvision.__version__, 'Pillow', PIL.__version__)"
 } 2>&1 | tee "$OUT/machine.log"
 
-# Where the input pipelines spend their time (per image, per batch, the loader alone).
-step profile 120 python3 -m benchmarks.profile_pipeline --count 2048
 # Issue 6: files on disk to embeddings (12,288 = 24 batches of 512, no ragged last batch).
 step e2e 300 python3 -m benchmarks.bench_throughput --skip-model --precision fp16 --no-compile \
-    --num-images 12288 --decode exact device-resize tv-decode tv device-decode --json "$OUT/e2e.json"
+    --num-images 12288 --decode exact device-resize turbo tv-decode tv --json "$OUT/e2e.json"
+# Where the input pipelines spend their time (per image, per batch, the loader alone).
+step profile 120 python3 -m benchmarks.profile_pipeline --count 2048
 # Issue 6: the model alone, ViT-B/32 then ViT-L/14 (ours eager and compiled; peers eager).
 step model_b32 200 python3 -m benchmarks.bench_throughput --skip-e2e --precision fp16 amp-fp16 \
     --json "$OUT/model_b32.json"

@@ -371,7 +371,7 @@ def test_retrieval_program_decode_option(checkpoint, tmp_path):
 
     written = synth.make_cub(tmp_path / "data", num_classes=6, per_class=3)
     records = {}
-    for decode in ("exact", "device-resize", "tv"):
+    for decode in ("exact", "device-resize", "tv", "turbo"):
         out = tmp_path / decode
         argv = ["--eval", "--dataset", "cub", "--data-root", str(written.root), "--model_name", checkpoint,
                 "--output", str(out), "--num_workers", "0", "--batch_size", "4", "--device", "cpu",
@@ -380,7 +380,10 @@ def test_retrieval_program_decode_option(checkpoint, tmp_path):
         records[decode] = json.loads((out / "results.json").read_text())
     keys = ("recall", "map_at_r", "r_precision", "num_query")
     assert {k: records["device-resize"][k] for k in keys} == {k: records["exact"][k] for k in keys}
+    assert {k: records["turbo"][k] for k in keys} == {k: records["exact"][k] for k in keys}
     assert records["tv"]["num_query"] == records["exact"]["num_query"] == 9
+    assert records["turbo"]["decode"] == "turbo" and records["exact"]["precision"] == "fp32"
+    assert records["exact"]["device"] == "cpu" and records["exact"]["compile"] is False
 
 
 def test_knn_program_decode_option(checkpoint, tmp_path):
@@ -398,6 +401,7 @@ def test_knn_program_decode_option(checkpoint, tmp_path):
         results[decode] = json.loads((out / "results_eval_knn.json").read_text())
     assert results["draft"]["knn"] == results["exact"]["knn"]  # tiny JPEGs: draft mode changes nothing
     assert results["exact"]["num_train"] == 9 and results["exact"]["num_val"] == 4
+    assert results["draft"]["decode"] == "draft" and results["draft"]["precision"] == "fp32"
 
 
 def test_device_decode_falls_back_to_pil_for_bytes_the_decoder_refuses(files):
@@ -502,7 +506,7 @@ def _loader_batches(paths, decode, use_slots, workers=2, batch=2, skip_bad_image
 
 
 @pytest.mark.parametrize("decode, packed", [("exact", "PackedCrops"), ("tv", "PackedCrops"),
-                                            ("device-resize", "PackedImages")])
+                                            ("device-resize", "PackedImages"), ("turbo", "PackedImages")])
 def test_slots_deliver_the_same_batches(files, decode, packed):
     """Worker processes write into reused shared-memory slots: same pixels, order, indices."""
     kinds, pixels, ok, indices = _loader_batches(files * 3, decode, use_slots=True)  # 12 batches > 6 slots
@@ -524,7 +528,7 @@ def test_slots_fall_back_for_batches_too_large(files, monkeypatch):
 def test_slots_with_bad_images_skipped(files, tmp_path):
     bad = str(synth.make_bad_images(tmp_path)["truncated"])
     paths = [files[0], bad, files[2], bad]
-    for decode in ("exact", "device-resize"):
+    for decode in ("exact", "device-resize", "turbo"):
         kinds, pixels, ok, _ = _loader_batches(paths, decode, use_slots=True, skip_bad_images=True)
         assert kinds == {"PackedCrops" if decode == "exact" else "PackedImages"}
         assert ok.tolist() == [True, False, True, False]
@@ -589,12 +593,12 @@ def test_tv_decode_gives_pils_pixels_where_the_decoders_agree(files):
     """
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from unicom.data.fast import _turbo_hwc
+    from unicom.data.fast import _tv_hwc
     from unicom.transforms import to_rgb
 
     for path in files:
         if path.endswith(".jpg"):
-            turbo = _turbo_hwc(decode_jpeg(torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8),
+            turbo = _tv_hwc(decode_jpeg(torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8),
                                            mode=ImageReadMode.UNCHANGED))
             pil = torch.from_numpy(np.array(to_rgb(Image.open(path))))
             if Image.open(path).mode == "CMYK":
@@ -607,7 +611,7 @@ def test_tv_decode_gives_pils_pixels_where_the_decoders_agree(files):
         assert torch.equal(pixels, eval_transform_uint8_batch(files))
 
 
-@pytest.mark.parametrize("decode", ["device-resize", "tv-decode"])
+@pytest.mark.parametrize("decode", ["device-resize", "tv-decode", "turbo"])
 def test_slots_with_groups_of_one_size_and_of_many(files, decode):
     """Images of one size lie as one block in the slot (no copies on the device); mixed sizes are padded."""
     uniform = [files[0]] * 4 + [files[1]] * 4  # 160x120 and 120x160: one group each
@@ -616,6 +620,97 @@ def test_slots_with_groups_of_one_size_and_of_many(files, decode):
         kinds, pixels, ok, _ = _loader_batches(paths, decode, use_slots=True, batch=4)
         assert kinds == {"PackedImages"} and ok.all()
         assert torch.equal(pixels, eval_transform_uint8_batch(paths))
+
+
+def test_turbo_gives_pils_pixels_where_the_decoders_agree(files):
+    """TurboJPEG (simplejpeg) decodes the RGB and grayscale JPEGs, PIL the CMYK JPEG and the PNGs;
+    with and without worker processes and slots (where each JPEG is decoded in its place)."""
+    from unicom.data import jpeg
+    from unicom.transforms import to_rgb
+
+    assert jpeg.agrees_with_pil()  # the check at start, on this machine's two builds
+    for path in files:
+        data = Path(path).read_bytes()
+        mode = Image.open(path).mode
+        if mode == "CMYK" or not path.endswith(".jpg"):
+            assert jpeg.header(data) is None
+            continue
+        assert jpeg.header(data) == Image.open(path).size[::-1]
+        assert np.array_equal(jpeg.decode(data), np.array(to_rgb(Image.open(path)))), path
+    for workers, use_slots, kind in ((0, None, "PaddedGroups"), (2, False, "PaddedGroups"), (2, None, "PackedImages")):
+        kinds, pixels, ok, _ = _loader_batches(files, "turbo", use_slots=use_slots, workers=workers)
+        assert kinds == {kind} and ok.all()
+        assert torch.equal(pixels, eval_transform_uint8_batch(files))
+
+
+def test_turbo_probes_cover_every_subsampling():
+    from unicom.data import jpeg
+
+    import simplejpeg
+
+    kinds = {simplejpeg.decode_jpeg_header(data)[2:] for data in jpeg._probes()}
+    assert {("YCbCr", "444"), ("YCbCr", "422"), ("YCbCr", "420"), ("Gray", "Gray")} <= kinds
+
+
+def test_turbo_hands_damaged_jpegs_to_pil(files, tmp_path):
+    """A JPEG whose header reads but whose scan is damaged: TurboJPEG (strict) refuses it, PIL
+    decides (here it decodes what it can, so the pipeline gives PIL's pixels) also in the slot,
+    where the image's place was laid out from its header."""
+    data = bytearray(Path(files[2]).read_bytes())  # 400x300
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(range(64))  # garbage inside the entropy-coded scan
+    damaged = tmp_path / "damaged.jpg"
+    damaged.write_bytes(bytes(data))
+    from unicom.data import jpeg
+
+    assert jpeg.header(bytes(data)) == (300, 400) and jpeg.decode(bytes(data)) is None
+    Image.open(damaged).load()  # PIL accepts it
+    paths = [files[0], str(damaged), files[1], str(damaged)]
+    for use_slots in (True, False):
+        kinds, pixels, ok, _ = _loader_batches(paths, "turbo", use_slots=use_slots)
+        assert ok.all() and torch.equal(pixels, eval_transform_uint8_batch(paths))
+
+    # A progressive JPEG whose third scan header is broken: its header reads, both decoders fail.
+    buffer = io.BytesIO()
+    Image.open(files[2]).save(buffer, "JPEG", quality=90, progressive=True)
+    data = bytearray(buffer.getvalue())
+    scans = [i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] == 0xDA]
+    data[scans[2] + 4] = 9  # its component count
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(bytes(data))
+    assert jpeg.header(bytes(data)) == (300, 400)
+    paths = [files[0], str(broken), files[1], files[3]]
+    for use_slots in (True, False):
+        with pytest.raises(BadImageError, match="broken.jpg"):
+            _loader_batches(paths, "turbo", use_slots=use_slots)
+        kinds, pixels, ok, _ = _loader_batches(paths, "turbo", use_slots=use_slots, skip_bad_images=True)
+        assert ok.tolist() == [True, False, True, True]
+        assert torch.equal(pixels[ok], eval_transform_uint8_batch([files[0], files[1], files[3]]))
+
+
+def test_turbo_without_simplejpeg_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "simplejpeg", None)  # import simplejpeg now raises ImportError
+    with pytest.raises(ImportError, match="pip install simplejpeg"):
+        InputPipeline("turbo")
+
+
+def test_turbo_decodes_with_pil_when_the_probe_disagrees(files, monkeypatch, caplog):
+    """If this process's TurboJPEG and PIL disagree on a probe, PIL decodes (a warning, exact pixels)."""
+    from unicom.data import jpeg
+
+    real = jpeg.decode
+    monkeypatch.setattr(jpeg, "decode", lambda data, out=None: real(data) // 2)  # a build that disagrees
+    jpeg.agrees_with_pil.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="unicom.data.jpeg"):
+            assert not jpeg.agrees_with_pil()
+        assert "decodes with PIL instead" in caplog.text
+        dataset = ImageDataset(files, list(range(len(files))), eval_transform(48))
+        assert not InputPipeline("turbo", n_px=48).dataset(dataset)._turbo
+        kinds, pixels, ok, _ = _loader_batches(files, "turbo", use_slots=None, workers=0)
+        assert ok.all() and torch.equal(pixels, eval_transform_uint8_batch(files))
+    finally:
+        jpeg.agrees_with_pil.cache_clear()
 
 
 @pytest.mark.filterwarnings("ignore::unicom.data.DatasetCountWarning")

@@ -33,6 +33,13 @@ split the work differently; the ``decode`` option picks one:
     resize runs on the device. PIL's pixels wherever the two libjpeg-turbo builds agree: on
     every file checked so far (thousands, with Pillow 12.3 and 13.0), but they are two
     builds, so this is not guaranteed; CMYK JPEGs and other formats go through PIL.
+``turbo``
+    As ``tv-decode`` with libjpeg-turbo's own TurboJPEG API (the optional ``simplejpeg``
+    package): the workers read each batch's JPEG headers, lay the images out in the shared
+    slot, and decode every image straight into its place (no copies; the least CPU per image
+    of all exact options). PIL's pixels wherever the two libjpeg-turbo builds agree, checked
+    at start on probe images of every chroma subsampling (PIL decodes instead, with a warning,
+    if they disagree); CMYK JPEGs and other formats go through PIL.
 
 Every pipeline starts from an :class:`~unicom.data.image.ImageDataset` whose transform is the
 published eval (or test) transform: :meth:`InputPipeline.from_transform` recognises it and
@@ -60,7 +67,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..distributed import shard_range
 from ..transforms import MEAN, STD, ToRGB, to_rgb
-from . import slots
+from . import jpeg, slots
 from .image import _DECODE_ERRORS, BadImageError, ImageDataset
 from .loader import sharded_loader
 
@@ -80,9 +87,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DECODE_CHOICES = ("exact", "device-resize", "draft", "tv", "device-decode", "tv-decode")
+DECODE_CHOICES = ("exact", "device-resize", "draft", "tv", "device-decode", "tv-decode", "turbo")
 EXACT_DECODES = ("exact", "device-resize")
-WHOLE_IMAGE_DECODES = ("device-resize", "tv-decode")  # the workers send whole decoded images
+WHOLE_IMAGE_DECODES = ("device-resize", "tv-decode", "turbo")  # the workers send whole decoded images
 
 
 def resolve_decode(decode: str, device: torch.device | str) -> str:
@@ -533,6 +540,7 @@ class _PipelineDataset(Dataset):
             self._transform = T.Compose([ToRGB(), T.PILToTensor(), self._tv])
         else:  # whole images, (H, W, 3): the device resizes
             self._transform = _hwc
+        self._turbo = decode == "turbo" and jpeg.agrees_with_pil()  # else PIL decodes (device-resize)
 
     def __len__(self) -> int:
         return len(self.base)
@@ -544,27 +552,12 @@ class _PipelineDataset(Dataset):
     def load_batch(self, seq: int, positions: Sequence[int], pool: slots.SlotPool | None):
         """Batch ``seq`` (items ``positions`` of this dataset), collated; its pixels go into
         ``pool``'s slot for ``seq`` when they fit (else, and without a pool, as :meth:`collate`)."""
-        batch = [self[i] for i in positions]
         if pool is None:
-            return self.collate(batch)
-        images, labels, indices, ok = _unzip(batch)
+            return self.collate([self[i] for i in positions])
         if self.pipeline.decode in WHOLE_IMAGE_DECODES:
-            sizes = [(x.shape[0], x.shape[1]) for x in images]
-            plan = _plan(sizes, self.pipeline.resize, self.pipeline.n_px)
-            order = [i for positions_, _ in plan for i in positions_]  # group by group: a group of one size
-            ends = np.cumsum([images[i].numel() for i in order]).tolist()  # is one (G, h, w, 3) block
-            place = pool.slot_for(seq, ends[-1])
-            if place is None:
-                return self.collate(batch)
-            slot, view = place
-            offsets = [0] * len(images)
-            for i, end in zip(order, ends):
-                offsets[i] = end - images[i].numel()
-                view[offsets[i]:end].copy_(images[i].reshape(-1))
-            groups = [(positions_, flag, _padded_tables([sizes[i] for i in positions_], self.pipeline.resize,
-                                                        self.pipeline.n_px))
-                      for positions_, flag in plan]
-            return PackedImages(pool.ref(slot, seq, ends[-1]), sizes, offsets, groups), labels, indices, ok
+            return self._load_whole(seq, positions, pool)
+        batch = [self[i] for i in positions]
+        images, labels, indices, ok = _unzip(batch)
         shape = (len(images), *images[0].shape)
         place = pool.slot_for(seq, math.prod(shape))
         if place is None:
@@ -572,6 +565,57 @@ class _PipelineDataset(Dataset):
         slot, view = place
         torch.stack(list(images), out=view.view(shape))
         return PackedCrops(pool.ref(slot, seq, math.prod(shape)), shape), labels, indices, ok
+
+    def _load_whole(self, seq: int, positions: Sequence[int], pool: slots.SlotPool):
+        """Whole images into the slot, group by group (a group of one size is one (G, h, w, 3)
+        block). ``turbo`` reads the JPEGs' headers first and decodes each into its place."""
+        items = []
+        for i in positions:
+            source = self._turbo_source(i) if self._turbo else None
+            items.append((source, int(self.base.labels[i]), i, True) if source is not None else self[i])
+        sizes = [x[0][1] if isinstance(x[0], tuple) else (x[0].shape[0], x[0].shape[1]) for x in items]
+        plan = _plan(sizes, self.pipeline.resize, self.pipeline.n_px)
+        order = [i for positions_, _ in plan for i in positions_]
+        ends = np.cumsum([3 * sizes[i][0] * sizes[i][1] for i in order]).tolist()
+        place = pool.slot_for(seq, ends[-1])
+        if place is None:
+            return self.collate([self._decoded(item) for item in items])
+        slot, view = place
+        offsets = [0] * len(items)
+        for i, end in zip(order, ends):
+            (h, w), start = sizes[i], end - 3 * sizes[i][0] * sizes[i][1]
+            offsets[i], target = start, view[start:end]
+            if isinstance(items[i][0], tuple):  # a JPEG to decode in place
+                if jpeg.decode(items[i][0][0], target.numpy().reshape(h, w, 3)) is not None:
+                    continue
+                items[i] = self._pil_item(items[i][2])  # TurboJPEG refused it: PIL decides
+                if items[i][0].shape != (h, w, 3):
+                    if items[i][3]:
+                        raise RuntimeError(f"{self.base.paths[items[i][2]]}: PIL decoded {tuple(items[i][0].shape)}, "
+                                           f"the JPEG header says {(h, w, 3)}")
+                    target.zero_()  # a bad image, skipped: its row is dropped (ok False)
+                    continue
+            target.copy_(items[i][0].reshape(-1))
+        _, labels, indices, ok = _unzip(items)
+        groups = [(positions_, flag, _padded_tables([sizes[i] for i in positions_], self.pipeline.resize,
+                                                    self.pipeline.n_px))
+                  for positions_, flag in plan]
+        return PackedImages(pool.ref(slot, seq, ends[-1]), sizes, offsets, groups), labels, indices, ok
+
+    def _turbo_source(self, index: int) -> tuple[bytes, tuple[int, int]] | None:
+        """(JPEG bytes, (h, w)) of an item ``turbo`` decodes itself, else None (PIL's turn)."""
+        if isinstance(self.base.samples[index], (Image.Image, np.ndarray)):
+            return None
+        data = _jpeg_bytes(self.base.paths[index])
+        size = jpeg.header(data) if data is not None else None
+        return (data, size) if size is not None else None
+
+    def _decoded(self, item: tuple[Any, int, int, bool]) -> tuple[Any, int, int, bool]:
+        """An item of :meth:`_load_whole` with its JPEG decoded (out of the slot)."""
+        if not isinstance(item[0], tuple):
+            return item
+        pixels = jpeg.decode(item[0][0])
+        return (torch.from_numpy(pixels), *item[1:]) if pixels is not None else self._pil_item(item[2])
 
     def _pil(self, index: int) -> Image.Image:
         if self.pipeline.decode != "draft":
@@ -594,7 +638,12 @@ class _PipelineDataset(Dataset):
         label = int(self.base.labels[index])
         sample = self.base.samples[index]
         decode = self.pipeline.decode
-        if decode in ("tv", "device-decode", "tv-decode") and not isinstance(sample, (Image.Image, np.ndarray)):
+        if self._turbo:
+            source = self._turbo_source(index)
+            pixels = jpeg.decode(source[0]) if source is not None else None
+            if pixels is not None:
+                return torch.from_numpy(pixels), label, index, True
+        elif decode in ("tv", "device-decode", "tv-decode") and not isinstance(sample, (Image.Image, np.ndarray)):
             data = _jpeg_bytes(self.base.paths[index])
             if data is not None:
                 encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -605,11 +654,16 @@ class _PipelineDataset(Dataset):
 
                     if decode == "tv":
                         return self._tv(decode_jpeg(encoded, mode=ImageReadMode.RGB)), label, index, True
-                    pixels = _turbo_hwc(decode_jpeg(encoded, mode=ImageReadMode.UNCHANGED))
+                    pixels = _tv_hwc(decode_jpeg(encoded, mode=ImageReadMode.UNCHANGED))
                     if pixels is not None:
                         return pixels, label, index, True
                 except RuntimeError:
                     pass  # e.g. a JPEG flavour libjpeg-turbo refuses: PIL decides below
+        return self._pil_item(index)
+
+    def _pil_item(self, index: int) -> tuple[Any, int, int, bool]:
+        """Item ``index`` decoded by PIL (a placeholder, ok False, for a bad image skipped)."""
+        label = int(self.base.labels[index])
         try:
             image = self._pil(index)
         except BadImageError as error:
@@ -620,7 +674,7 @@ class _PipelineDataset(Dataset):
         return self._transform(image), label, index, True
 
 
-def _turbo_hwc(decoded: torch.Tensor) -> torch.Tensor | None:
+def _tv_hwc(decoded: torch.Tensor) -> torch.Tensor | None:
     """torchvision's decode (C, H, W) -> (H, W, 3) as PIL's ``convert("RGB")`` gives it, for
     colour (YCbCr) and grayscale JPEGs; None for others (CMYK: PIL converts those its own way)."""
     if decoded.shape[0] == 3:
@@ -682,6 +736,8 @@ class InputPipeline:
             object.__setattr__(self, "resize", self.n_px)
         if self.resize < self.n_px:
             raise ValueError(f"resize {self.resize} is smaller than the crop {self.n_px}")
+        if self.decode == "turbo":
+            jpeg.require()
 
     @property
     def exact(self) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .. import distributed as dist
-from ..data.fast import DECODE_CHOICES
+from ..data.fast import DECODE_CHOICES, resolve_decode
 
 PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16")
 
@@ -27,6 +27,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "fp16" if device.type == "cuda" else "fp32"
     return precision
+
+
+def runtime_record(args, device: torch.device) -> dict:
+    """How the embeddings were computed, for results files: device type, autocast precision,
+    input pipeline (``auto`` resolved) and compilation."""
+    return {"device": device.type, "precision": resolve_precision(args.precision, device),
+            "decode": resolve_decode(args.decode, device), "compile": bool(getattr(args, "compile", False))}
 
 
 def write_json(obj: dict, path: str | os.PathLike) -> None:
@@ -47,8 +54,9 @@ def add_runtime_args(parser, compile: bool = True) -> None:
                         help="autocast precision for the forward pass; auto = fp16 on GPUs, fp32 on CPUs")
     parser.add_argument("--decode", default="auto", choices=("auto", *DECODE_CHOICES),
                         help="input pipeline: auto (default: device-resize on GPUs, exact on CPUs), exact and "
-                             "device-resize give the published pixels; tv-decode gives them wherever torchvision's "
-                             "and Pillow's libjpeg-turbo agree; draft, tv and device-decode (nvJPEG on GPUs) change "
+                             "device-resize give the published pixels; turbo (pip install simplejpeg) and "
+                             "tv-decode give them wherever their libjpeg-turbo and Pillow's agree (turbo checks at "
+                             "start); draft, tv and device-decode (nvJPEG on GPUs) change "
                              "pixels slightly (see the README)")
     if compile:
         parser.add_argument("--compile", action="store_true",

@@ -24,7 +24,7 @@ from ..data.fast import embedding_loader
 from ..embed import Embeddings, embed_loader, gather_embeddings
 from ..factory import load
 from ..metrics import knn_topk, knn_vote_accuracy, merge_topk
-from .common import add_runtime_args, resolve_precision, setup_logging, write_json
+from .common import add_runtime_args, resolve_precision, runtime_record, setup_logging, write_json
 
 logger = logging.getLogger("unicom.knn")
 
@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                 "skipped_images": result["skipped_images"],
                 "images_per_second": result["images_per_second"],
                 "seconds": result["seconds"],
+                **runtime_record(args, device),
             }
             if result["few_shot"]:
                 record["few_shot"] = {str(n): _percent(t) for n, t in result["few_shot"].items()}

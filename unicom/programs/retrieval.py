@@ -21,7 +21,7 @@ from ..data.registry import available_datasets
 from ..embed import Embeddings, embed_loader, gather_embeddings
 from ..factory import load
 from ..metrics import retrieval_metrics
-from .common import add_runtime_args, resolve_precision, setup_logging, write_json
+from .common import add_runtime_args, resolve_precision, runtime_record, setup_logging, write_json
 from .finetune import add_train_args, train
 
 logger = logging.getLogger("unicom.retrieval")
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         precision = resolve_precision(args.precision, device)
         evaluation = run_evaluation(model, data, args, device, precision)
         if dist.is_main_process():
-            record = report(evaluation.metrics, data, args)
+            record = {**report(evaluation.metrics, data, args), **runtime_record(args, device)}
             write_json(record, Path(args.output) / "results.json")
             if args.visualize:
                 from ..visualize import retrieval_grid

@@ -1,0 +1,106 @@
+"""JPEG decoding with libjpeg-turbo's TurboJPEG API (the optional ``simplejpeg`` package).
+
+``decode="turbo"`` pipelines decode JPEGs here instead of through PIL: the same library
+(Pillow's wheels bundle libjpeg-turbo too) with the same settings (accurate integer IDCT,
+smooth chroma upsampling), called without PIL's per-file Python machinery, releasing the GIL,
+and writing straight into a caller's buffer. Two builds of a library are not one definition,
+so :func:`agrees_with_pil` compares the two on probe images before a pipeline relies on it.
+
+Only YCbCr and grayscale JPEGs are decoded here (PIL's ``convert("RGB")`` of those repeats
+the gray value or applies the library's YCbCr conversion, as TurboJPEG does); CMYK, YCCK and
+Adobe RGB files, other formats, and anything TurboJPEG reports as damaged go to PIL, which
+decides as it does for every other pipeline.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["agrees_with_pil", "available", "decode", "header", "require"]
+
+logger = logging.getLogger(__name__)
+
+_COLORSPACES = ("YCbCr", "Gray")  # what TurboJPEG converts to RGB as PIL does
+
+
+def _module() -> Any | None:
+    try:
+        import simplejpeg
+    except ImportError:
+        return None
+    return simplejpeg
+
+
+def available() -> bool:
+    """Whether ``simplejpeg`` is installed."""
+    return _module() is not None
+
+
+def require() -> Any:
+    """The ``simplejpeg`` module, or an ImportError that says how to install it."""
+    module = _module()
+    if module is None:
+        raise ImportError("decode='turbo' needs the simplejpeg package (libjpeg-turbo's TurboJPEG API): "
+                          "pip install simplejpeg (or unicom[fast]), or choose another --decode")
+    return module
+
+
+def header(data: bytes) -> tuple[int, int] | None:
+    """(height, width) of a JPEG this module decodes as PIL would, else None (PIL's turn)."""
+    try:
+        height, width, colorspace, _ = require().decode_jpeg_header(data)
+    except ValueError:
+        return None
+    return (height, width) if colorspace in _COLORSPACES else None
+
+
+def decode(data: bytes, out: np.ndarray | None = None) -> np.ndarray | None:
+    """A JPEG's (H, W, 3) uint8 RGB pixels, written into ``out`` (C-contiguous, (H, W, 3)) when
+    given; None where TurboJPEG reports any error or warning (PIL's turn)."""
+    try:
+        return require().decode_jpeg(data, "RGB", fastdct=False, fastupsample=False, buffer=out, strict=True)
+    except ValueError:
+        return None
+
+
+def _probes() -> list[bytes]:
+    """Small JPEGs as cameras and PIL write them: every chroma subsampling, gray, progressive,
+    odd sizes (partial MCUs at the edges), low and high quality."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:45, 0:61]
+    smooth = np.stack([x * 4, y * 5, (x + y) * 2], axis=-1).astype(np.float64)
+    pixels = np.clip(smooth + rng.normal(0, 40, smooth.shape), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    settings = [dict(subsampling=s, quality=q) for s in (0, 1, 2) for q in (50, 95)]
+    settings += [dict(subsampling=2, quality=90, progressive=True), dict(subsampling=1, quality=80, optimize=True)]
+    out = []
+    for options in settings:
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", **options)
+        out.append(buffer.getvalue())
+    buffer = io.BytesIO()
+    image.convert("L").save(buffer, "JPEG", quality=85)
+    out.append(buffer.getvalue())
+    return out
+
+
+@functools.cache
+def agrees_with_pil() -> bool:
+    """Whether TurboJPEG gives PIL's pixels on the probe images (checked once per process);
+    False, with a warning, where they differ."""
+    require()
+    for data in _probes():
+        with Image.open(io.BytesIO(data)) as image:
+            expected = np.asarray(image.convert("RGB"))
+        got = decode(data) if header(data) is not None else None
+        if got is None or not np.array_equal(got, expected):
+            logger.warning("simplejpeg's libjpeg-turbo and PIL's decoder disagree on a probe image: "
+                           "decode='turbo' decodes with PIL instead (the pixels stay exact, the speed-up is lost)")
+            return False
+    return True
