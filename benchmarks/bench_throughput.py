@@ -95,6 +95,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also time torch.compile (default: on for GPUs, off on the CPU)")
     p.add_argument("--decode", nargs="+", choices=DECODE_CHOICES, default=list(DECODE_CHOICES))
+    p.add_argument("--loader-only", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time the DataLoaders alone (the workers' side: no copy to the device, no device "
+                        "work); default on for the CPU, where the device work competes with the workers")
     p.add_argument("--iters", type=int, default=None, help="timed batches for the model alone (default 30, 2 quick)")
     p.add_argument("--skip-model", action="store_true")
     p.add_argument("--skip-e2e", action="store_true")
@@ -295,10 +298,12 @@ def _passes(dataset) -> int:
 
 
 @torch.inference_mode()
-def run_published(dataset, args, device, model, workers: int) -> tuple[float, float, torch.Tensor]:
-    """(images/s end to end, images/s input only, embeddings): the published evaluation loop.
+def run_published(dataset, args, device, model, workers: int) -> tuple[float, float, float | None, torch.Tensor]:
+    """(images/s end to end, input only, loader only (None unless ``--loader-only``), embeddings):
+    the published evaluation loop.
 
     Input only: the loader and the copy to the device, no model (over at least 512 images).
+    Loader only: the DataLoader's batches alone (the workers' side).
     """
     amp = torch.float16 if device.type == "cuda" else None
 
@@ -311,32 +316,47 @@ def run_published(dataset, args, device, model, workers: int) -> tuple[float, fl
             images.to(device)
     _sync(device)
     input_only = _passes(dataset) * len(dataset) / (time.perf_counter() - start)
+    loader_only = _loader_rate(loader) if args.loader_only else None
     out = []
     start = time.perf_counter()
     with _autocast(device, amp):
         for images, *_ in loader():
             out.append(model(images.to(device)).float())
     _sync(device)
-    return len(dataset) / (time.perf_counter() - start), input_only, torch.cat(out)
+    return len(dataset) / (time.perf_counter() - start), input_only, loader_only, torch.cat(out)
 
 
 @torch.inference_mode()
-def run_ours(dataset, pipeline, args, device, model, amp, use_slots=None) -> tuple[float, float, torch.Tensor]:
-    """(images/s end to end, images/s input only, embeddings) with ``pipeline`` and ``embed_loader``."""
+def run_ours(dataset, pipeline, args, device, model, amp, use_slots=None):
+    """(images/s end to end, input only, loader only, embeddings) with ``pipeline`` and ``embed_loader``."""
+
+    def loader():
+        return pipeline_loader(dataset, pipeline, args.loader_batch, args.workers, device, use_slots=use_slots)
+
     start = time.perf_counter()
     for _ in range(_passes(dataset)):
-        for images, _, _, ok in pipeline_loader(dataset, pipeline, args.loader_batch, args.workers, device,
-                                                use_slots=use_slots):
+        for images, _, _, ok in loader():
             pipeline.to_device(images, ok, device)
     _sync(device)
     input_only = _passes(dataset) * len(dataset) / (time.perf_counter() - start)
+    loader_only = _loader_rate(loader) if args.loader_only else None
     start = time.perf_counter()
     loader = pipeline_loader(dataset, pipeline, args.loader_batch, args.workers, device, use_slots=use_slots)
     precision = {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[amp]  # autocast_for's names
     result = embed_loader(model, loader, device, precision, desc=pipeline.decode, preprocess=pipeline.to_device,
                           batch_size=args.batch)
     _sync(device)
-    return len(dataset) / (time.perf_counter() - start), input_only, result.features
+    return len(dataset) / (time.perf_counter() - start), input_only, loader_only, result.features
+
+
+def _loader_rate(make_loader) -> float:
+    """Images/s of a fresh loader's batches alone, over at least 512 images (nothing is done with
+    them: slots are rewritten unread, which only the consumer could notice)."""
+    count, start = 0, time.perf_counter()
+    for _ in range(_passes(make_loader().dataset)):
+        for batch in make_loader():
+            count += len(batch[0])
+    return count / (time.perf_counter() - start)
 
 
 def pixels_of(dataset, pipeline, count: int, args, device) -> torch.Tensor:
@@ -379,14 +399,17 @@ def bench_e2e(args, device, model, folder: Path) -> list[dict]:
     label = f"{precision}{' compiled' if args.compile else ''}"
 
     rows = []
-    speed, input_only, pub_features = run_published(dataset, args, device, published, args.published_workers)
+    speed, input_only, loader_only, pub_features = run_published(dataset, args, device, published,
+                                                                 args.published_workers)
     rows.append({"pipeline": f"published ({args.published_workers} workers)", "model": "published graph",
-                 "images_per_s": speed, "input_per_s": input_only, "ratio": 1.0, "exact": "yes"})
-    base = speed
+                 "images_per_s": speed, "input_per_s": input_only, "loader_per_s": loader_only, "ratio": 1.0,
+                 "exact": "yes"})
+    base, loader_base = speed, loader_only
     if args.workers != args.published_workers:
-        speed, input_only, _ = run_published(dataset, args, device, published, args.workers)
+        speed, input_only, loader_only, _ = run_published(dataset, args, device, published, args.workers)
         rows.append({"pipeline": f"published ({args.workers} workers)", "model": "published graph",
-                     "images_per_s": speed, "input_per_s": input_only, "ratio": speed / base, "exact": "yes"})
+                     "images_per_s": speed, "input_per_s": input_only, "loader_per_s": loader_only,
+                     "ratio": speed / base, "exact": "yes"})
 
     count = min(len(paths), 256)
     exact_pipeline = InputPipeline("exact", n_px=n)
@@ -405,7 +428,8 @@ def bench_e2e(args, device, model, folder: Path) -> list[dict]:
                 note += " no slots" if use_slots is False else " slots"
             pipeline = InputPipeline(decode, n_px=n)
             try:
-                speed, input_only, features = run_ours(dataset, pipeline, args, device, ours, amp, use_slots)
+                speed, input_only, loader_only, features = run_ours(dataset, pipeline, args, device, ours, amp,
+                                                                    use_slots)
                 pixels = exact_pixels if decode == "exact" else pixels_of(dataset, pipeline, count, args, device)
             except Exception as e:  # noqa: BLE001 - e.g. no nvJPEG: report and go on
                 print(f"  decode={decode}{note} failed: {type(e).__name__}: {e}")
@@ -417,8 +441,11 @@ def bench_e2e(args, device, model, folder: Path) -> list[dict]:
             if exact_features is not None:
                 cosine = float(F.cosine_similarity(features.double(), exact_features.double(), dim=1).min())
             rows.append({"pipeline": f"ours {decode}{note}", "model": f"ours {label}", "images_per_s": speed,
-                         "input_per_s": input_only, "ratio": speed / base,
+                         "input_per_s": input_only, "loader_per_s": loader_only, "ratio": speed / base,
                          "exact": "yes" if pipeline.exact else "no", "pixel_diff": pixel_diff, "min_cos": cosine})
+    for row in rows:
+        if loader_base and row.get("loader_per_s"):
+            row["loader_ratio"] = row["loader_per_s"] / loader_base
     if exact_features is not None:
         pub_cos = float(F.cosine_similarity(pub_features.double(), exact_features.double(), dim=1).min())
         rows[0]["min_cos"] = pub_cos
@@ -431,6 +458,7 @@ def bench_e2e(args, device, model, folder: Path) -> list[dict]:
           f"(plain (x / 255 - mean) / std on {device.type} would be: {arithmetic})")
     _table(rows, [("pipeline", "pipeline", "{}"), ("model", "model", "{}"), ("images_per_s", "images/s", "{:,.1f}"),
                   ("ratio", "vs published", "{:.2f}x"), ("input_per_s", "input only/s", "{:,.1f}"),
+                  ("loader_ratio", "loader only vs published", "{:.2f}x"),
                   ("exact", "exact", "{}"), ("pixel_diff", "mean |px diff|", "{:.4f}"),
                   ("min_cos", "min cos vs exact", "{:.6f}")])
     rows.append({"exact_identical": identical, "arithmetic_identical": arithmetic})
@@ -453,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     args.iters = args.iters or (2 if args.quick else 30)
     args.precision = args.precision or (["fp16", "amp-fp16", "bf16", "fp32"] if gpu else ["fp32"])
     args.compile = gpu if args.compile is None else args.compile
+    args.loader_only = (not gpu) if args.loader_only is None else args.loader_only
     if args.threads:
         torch.set_num_threads(args.threads)
     if gpu:

@@ -78,6 +78,7 @@ class _Exploit:
         return (os.system, ("touch EXPLOITED",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # the malicious file is protocol 4
 def test_pickled_code_is_refused_and_never_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "evil.pt"
