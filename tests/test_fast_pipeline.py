@@ -517,9 +517,10 @@ def test_slots_deliver_the_same_batches(files, decode, packed):
 
 
 def test_slots_fall_back_for_batches_too_large(files, monkeypatch):
-    from unicom.data import fast
+    from unicom.data import fast, slots
 
-    monkeypatch.setattr(fast, "_IMAGE_ALLOWANCE", 16)  # no batch of whole images fits its slot
+    slots.clear()  # else an idle pool of an earlier loader, with room to spare, is taken
+    monkeypatch.setattr(fast, "_image_allowance", lambda dataset: 16)  # no batch of whole images fits its slot
     kinds, pixels, _, _ = _loader_batches(files, "device-resize", use_slots=True)
     assert kinds == {"PaddedGroups"}
     assert torch.equal(pixels, _loader_batches(files, "device-resize", use_slots=False)[1])
@@ -572,6 +573,66 @@ def test_slot_pool_basics():
         slots.pool_of(ref)
     with pytest.raises(ValueError):
         slots.SlotPool(0, 8)
+
+
+def test_slot_pools_are_reused_by_the_next_loader(files):
+    """A finished loader gives its pool back; the next one with the same needs takes it (no new
+    shared memory), under a new id, so a batch of the old loader can no longer be fetched."""
+    import gc
+
+    from unicom.data import slots
+
+    slots.clear()
+    dataset = ImageDataset(files * 2, list(range(len(files) * 2)), eval_transform(48))
+    pipeline = InputPipeline("device-resize", n_px=48)
+    expected = eval_transform_uint8_batch(files * 2)
+    pools, old_batch = [], None
+    for _ in range(2):
+        loader = pipeline_loader(dataset, pipeline, 2, 2, CPU, normalize_in_workers=False, use_slots=True)
+        pixels = []
+        for images, _, _, ok in loader:
+            pools.append(slots.pool_of(images.ref))
+            pixels.append(pipeline.pixels(images, ok, CPU)[0])
+            old_batch = old_batch or (images, ok)
+        assert torch.equal(torch.cat(pixels), expected)
+        del loader
+        gc.collect()
+    assert pools[0] is pools[-1] and len({id(p) for p in pools}) == 1  # one pool for both loaders
+    with pytest.raises(RuntimeError, match="pool is gone"):
+        pipeline.pixels(*old_batch, CPU)
+    assert slots._IDLE == [pools[0]]
+    slots.clear()
+    assert slots._IDLE == []
+
+
+def test_slot_pool_acquire_takes_an_idle_pool_that_fits():
+    from unicom.data import slots
+
+    slots.clear()
+    pool = slots.acquire(4, 100)
+    first_id = pool.id
+    pool.owner.fill_(7)
+    slots.release(pool.id)
+    assert slots.acquire(6, 100) is not pool  # too few slots: a new pool; the idle one stays
+    smaller = slots.acquire(3, 50)  # fits in the idle pool
+    assert smaller is pool and pool.id != first_id and (pool.owner == -1).all()
+    slots.release(pool.id)
+    other = slots.acquire(2, 10_000)
+    slots.release(other.id)
+    assert slots._IDLE == [other]  # at most MAX_IDLE (1) kept: the newest
+    slots.clear()
+
+
+def test_whole_image_slots_are_sized_from_the_images(files, tmp_path):
+    from unicom.data.fast import _IMAGE_ALLOWANCE, _image_allowance
+
+    dataset = ImageDataset(files, list(range(len(files))), eval_transform(48))
+    largest = max(3 * Image.open(p).size[0] * Image.open(p).size[1] for p in files)  # the 400x300 JPEG
+    assert _image_allowance(dataset) == int(1.25 * largest)
+    in_memory = ImageDataset([np.zeros((10, 20, 3), np.uint8)], [0], eval_transform(48))
+    assert _image_allowance(in_memory) == int(1.25 * 600)
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    assert _image_allowance(ImageDataset([str(tmp_path / "bad.jpg")], [0], eval_transform(48))) == _IMAGE_ALLOWANCE
 
 
 def test_slot_pool_size_from_the_environment(files, monkeypatch):

@@ -913,7 +913,30 @@ def _slot_pool_bytes() -> int:
     return max(megabytes, 0) << 20
 
 
-_IMAGE_ALLOWANCE = 3 * 1024 * 768  # bytes per decoded image a device-resize slot plans for
+_IMAGE_ALLOWANCE = 3 * 1024 * 768  # bytes per decoded image a whole-image slot plans for, unsampled
+
+
+def _image_allowance(dataset: ImageDataset, samples: int = 32, margin: float = 1.25) -> int:
+    """Bytes per decoded image a whole-image slot plans for: ``margin`` times the largest of
+    ``samples`` images spread over the dataset (their headers only: PIL reads no pixels here);
+    a batch whose images do not fit travels the usual way."""
+    if len(dataset) == 0:
+        return _IMAGE_ALLOWANCE
+    largest = 0
+    for i in np.linspace(0, len(dataset) - 1, min(samples, len(dataset))).astype(int).tolist():
+        sample = dataset.samples[i]
+        try:
+            if isinstance(sample, np.ndarray):
+                h, w = sample.shape[:2]
+            elif isinstance(sample, Image.Image):
+                w, h = sample.size
+            else:
+                with Image.open(sample) as image:
+                    w, h = image.size
+        except (OSError, ValueError, SyntaxError):  # unreadable: the loader reports it; plan generously
+            return _IMAGE_ALLOWANCE
+        largest = max(largest, 3 * w * h)
+    return int(margin * largest) if largest else _IMAGE_ALLOWANCE
 
 
 def pipeline_loader(
@@ -963,10 +986,10 @@ def pipeline_loader(
     in_flight = max(num_workers, 1) * (prefetch_factor if num_workers > 0 else 1)
     num_slots = in_flight + 2
     if pipeline.decode in WHOLE_IMAGE_DECODES:
-        slot_bytes = max(1, min(batch_size * _IMAGE_ALLOWANCE, _slot_pool_bytes() // num_slots))
+        slot_bytes = max(1, min(batch_size * _image_allowance(dataset), _slot_pool_bytes() // num_slots))
     else:
         slot_bytes = batch_size * 3 * pipeline.n_px * pipeline.n_px
-    pool = slots.SlotPool(num_slots, slot_bytes, pin=device.type == "cuda")
+    pool = slots.acquire(num_slots, slot_bytes, pin=device.type == "cuda")
     batches = [list(indices[i:i + batch_size]) for i in range(0, len(indices), batch_size)]
     batch_dataset = _BatchDataset(wrapped, batches, pool)
     weakref.finalize(batch_dataset, slots.release, pool.id)  # loaders and their iterators hold the dataset

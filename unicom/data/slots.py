@@ -14,6 +14,11 @@ only after the main process asked for the batch after the one that used it; and 
 of a slot finishes (host-synchronised) before :meth:`SlotPool.fetch` returns. Batches must be
 fetched in order, each before asking for the next; a slot overwritten too early is detected
 (each slot records the batch that last wrote it) and raises.
+
+Making a pool costs time in the main process (a 2 GiB pool: about a second to allocate the
+shared memory and page-lock it), so a finished loader gives its pool back (:func:`release`,
+once its workers are gone) and the next loader with the same needs takes it
+(:func:`acquire`): query then gallery, train then val, or pass after pass pay it once.
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SlotPool", "SlotRef"]
+__all__ = ["SlotPool", "SlotRef", "acquire", "clear", "release"]
 
 _POOLS: dict[int, SlotPool] = {}  # pool id -> pool, in this process (workers inherit or re-register)
+_IDLE: list[SlotPool] = []  # pools of finished loaders, kept for the next (oldest first)
+MAX_IDLE = 1  # one loader at a time is the common case (query, then gallery; train, then val)
 _ids = itertools.count()
 _lock = threading.Lock()
 
@@ -57,6 +64,7 @@ class SlotPool:
         self.buffers = [torch.empty(0, dtype=torch.uint8).new(torch.UntypedStorage._new_shared(self.slot_bytes))
                         for _ in range(num_slots)]
         self.owner = torch.full((num_slots,), -1, dtype=torch.int64).share_memory_()
+        self.creator = os.getpid()
         with _lock:
             self.id = next(_ids) + (os.getpid() << 20)
             _POOLS[self.id] = self
@@ -79,7 +87,8 @@ class SlotPool:
         return True
 
     def __getstate__(self) -> dict:  # spawned workers: the buffers travel as shared memory
-        return {"slot_bytes": self.slot_bytes, "buffers": self.buffers, "owner": self.owner, "id": self.id}
+        return {"slot_bytes": self.slot_bytes, "buffers": self.buffers, "owner": self.owner, "id": self.id,
+                "creator": self.creator}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, pinned=False)
@@ -125,10 +134,39 @@ def pool_of(ref: SlotRef) -> SlotPool:
         raise RuntimeError("this batch's slot pool is gone (its DataLoader was deleted)") from None
 
 
-def release(pool_id: int) -> None:
-    """Forget a pool (its buffers are freed once no worker holds them)."""
+def acquire(num_slots: int, slot_bytes: int, pin: bool = False) -> SlotPool:
+    """A pool of at least ``num_slots`` slots of ``slot_bytes``: an idle one given back by a
+    finished loader when one fits (no new shared memory to allocate, fault in and pin: for a
+    pool of 2 GiB that costs a second or more), else a new one. A reused pool gets a new id, so
+    batches of the loader that had it can no longer be fetched (:func:`pool_of` raises)."""
     with _lock:
-        _POOLS.pop(pool_id, None)
+        fits = [p for p in _IDLE if len(p) >= num_slots and p.slot_bytes >= slot_bytes and p.pinned >= pin]
+        if fits:
+            pool = min(fits, key=lambda p: len(p) * p.slot_bytes)
+            _IDLE.remove(pool)
+            pool.owner.fill_(-1)
+            pool.id = next(_ids) + (os.getpid() << 20)
+            _POOLS[pool.id] = pool
+            return pool
+    return SlotPool(num_slots, slot_bytes, pin)
+
+
+def release(pool_id: int) -> None:
+    """A loader is done with its pool (its workers are gone): keep it for the next loader
+    (at most ``MAX_IDLE`` pools are kept; :func:`clear` frees them)."""
+    with _lock:
+        pool = _POOLS.pop(pool_id, None)
+        if pool is None or pool.creator != os.getpid():
+            return
+        _IDLE.append(pool)
+        while len(_IDLE) > MAX_IDLE:
+            _IDLE.pop(0)  # freed once unreferenced
+
+
+def clear() -> None:
+    """Free the idle pools kept for reuse (their shared, and on CUDA pinned, memory)."""
+    with _lock:
+        _IDLE.clear()
 
 
 def _unregister(pid: int, pointers: list[int]) -> None:
