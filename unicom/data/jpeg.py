@@ -70,8 +70,8 @@ def decode(data: bytes, out: np.ndarray | None = None) -> np.ndarray | None:
 
 
 def _probes() -> list[bytes]:
-    """Small JPEGs as cameras and PIL write them: every chroma subsampling, gray, progressive,
-    odd sizes (partial MCUs at the edges), low and high quality."""
+    """Small JPEGs as cameras, PIL and libjpeg-turbo write them: every chroma subsampling, gray,
+    progressive, odd sizes (partial MCUs at the edges), low and high quality."""
     rng = np.random.default_rng(0)
     y, x = np.mgrid[0:45, 0:61]
     smooth = np.stack([x * 4, y * 5, (x + y) * 2], axis=-1).astype(np.float64)
@@ -87,6 +87,8 @@ def _probes() -> list[bytes]:
     buffer = io.BytesIO()
     image.convert("L").save(buffer, "JPEG", quality=85)
     out.append(buffer.getvalue())
+    # 4:4:0 and 4:1:1, which PIL does not write: old libjpeg-turbo builds upsample 4:4:0 differently
+    out += [require().encode_jpeg(pixels, 90, "RGB", subsampling) for subsampling in ("440", "411")]
     return out
 
 
