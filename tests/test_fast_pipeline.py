@@ -291,6 +291,16 @@ def test_pipeline_recognises_only_the_published_transforms():
         InputPipeline("nvdali")
 
 
+def test_device_side_resizing_on_a_cpu_warns(files, caplog):
+    dataset = ImageDataset(files, list(range(len(files))), eval_transform(32))
+    with caplog.at_level("WARNING", logger="unicom.data.fast"):
+        embedding_loader(dataset, "auto", 4, 0, CPU)
+        embedding_loader(dataset, "exact", 4, 0, CPU)
+        assert "slower" not in caplog.text
+        embedding_loader(dataset, "turbo", 4, 0, CPU)
+    assert "decode=turbo resizes on the device, which is the CPU here" in caplog.text
+
+
 def test_embedding_loader_falls_back_for_other_transforms(files):
     dataset = ImageDataset(files[:2], [0, 1], train_transform(32, "timm"))
     loader, preprocess = embedding_loader(dataset, "tv", 2, 0, CPU)
