@@ -277,10 +277,11 @@ def _stack_tables(tables: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Te
     return first, weights
 
 
-def _dense(first: torch.Tensor, weights: torch.Tensor, length: int, device: torch.device) -> torch.Tensor:
-    """Stacked (first (G, count), weights (G, count, K)) tables -> dense (G, count, length) float64 matrices."""
-    first = first.to(device, non_blocking=True)
-    weights = weights.to(device, non_blocking=True).to(torch.float64)
+def _dense(first, weights, length: int, device: torch.device) -> torch.Tensor:
+    """Stacked (first (G, count), weights (G, count, K)) tables (tensors or arrays) -> dense
+    (G, count, length) float64 matrices (G = 1: one table for every image of the group)."""
+    first = torch.as_tensor(first).to(device, non_blocking=True)
+    weights = torch.as_tensor(weights).to(device, non_blocking=True).to(torch.float64)
     index = (first[..., None] + torch.arange(weights.shape[-1], device=device)).clamp_(max=length - 1)
     # Taps past an output's window weigh 0 and may be clamped onto a real index: adding 0 is harmless.
     return torch.zeros(*first.shape, length, dtype=torch.float64, device=device).scatter_add_(2, index, weights)
@@ -392,7 +393,10 @@ def _pad(images: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> tor
 
 
 def _padded_tables(sizes: Sequence[tuple[int, int]], resize: int, n_px: int):
-    """:func:`_group_tables` for images of ``sizes`` (h, w) resized to ``resize`` and cropped to ``n_px``."""
+    """:func:`_group_tables` for images of ``sizes`` (h, w) resized to ``resize`` and cropped to
+    ``n_px``; for images of one size, the tables of one image (the resize broadcasts them)."""
+    if len(set(sizes)) == 1:
+        sizes = sizes[:1]
     geometry = [_geometry(h, w, resize, n_px) for h, w in sizes]
     return _group_tables(sizes, [g[0] for g in geometry], [g[1] for g in geometry], (n_px, n_px))
 
@@ -557,7 +561,7 @@ class _PipelineDataset(Dataset):
         if self.pipeline.decode in WHOLE_IMAGE_DECODES:
             return self._load_whole(seq, positions, pool)
         batch = [self[i] for i in positions]
-        images, labels, indices, ok = _unzip(batch)
+        images, labels, indices, ok = _unzip(batch, arrays=True)
         shape = (len(images), *images[0].shape)
         place = pool.slot_for(seq, math.prod(shape))
         if place is None:
@@ -596,9 +600,9 @@ class _PipelineDataset(Dataset):
                     target.zero_()  # a bad image, skipped: its row is dropped (ok False)
                     continue
             target.copy_(items[i][0].reshape(-1))
-        _, labels, indices, ok = _unzip(items)
-        groups = [(positions_, flag, _padded_tables([sizes[i] for i in positions_], self.pipeline.resize,
-                                                    self.pipeline.n_px))
+        _, labels, indices, ok = _unzip(items, arrays=True)
+        groups = [(positions_, flag, tuple(t.numpy() for t in _padded_tables([sizes[i] for i in positions_],
+                                                                             self.pipeline.resize, self.pipeline.n_px)))
                   for positions_, flag in plan]
         return PackedImages(pool.ref(slot, seq, ends[-1]), sizes, offsets, groups), labels, indices, ok
 
@@ -684,9 +688,13 @@ def _tv_hwc(decoded: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
-def _unzip(batch: Sequence[tuple[Any, int, int, bool]]):
-    """Items (image, label, index, ok) -> (images, labels (B,), indices (B,), ok (B,))."""
+def _unzip(batch: Sequence[tuple[Any, int, int, bool]], arrays: bool = False):
+    """Items (image, label, index, ok) -> (images, labels (B,), indices (B,), ok (B,)): tensors,
+    or with ``arrays`` NumPy arrays (a worker's batch in a slot: arrays travel inside the
+    message, while every tensor costs its own shared-memory file and socket hand-over)."""
     images, labels, indices, ok = zip(*batch)
+    if arrays:
+        return images, np.array(labels, dtype=np.int64), np.array(indices, dtype=np.int64), np.array(ok, dtype=bool)
     return (images, torch.tensor(labels, dtype=torch.long), torch.tensor(indices, dtype=torch.long),
             torch.tensor(ok, dtype=torch.bool))
 
@@ -901,6 +909,18 @@ def _whole(batch):
     return batch
 
 
+class _SlotLoader(DataLoader):
+    """The DataLoader of slot batches: the workers send labels, indices and ok as NumPy arrays
+    (inside the message; a tensor would cost a shared-memory file and a socket hand-over each:
+    measured 4 ms of the main process per batch of 7 small tensors on the 2-core CPU, 0.4 ms as
+    arrays); they are tensors again here, as every loader of this module yields them (a batch
+    that did not fit its slot comes as tensors already)."""
+
+    def __iter__(self):
+        for images, labels, indices, ok in super().__iter__():
+            yield images, torch.as_tensor(labels), torch.as_tensor(indices), torch.as_tensor(ok)  # no copies
+
+
 SLOT_POOL_MB = 2048  # default cap of a device-resize loader's slots (shared, and on CUDA pinned, memory)
 
 
@@ -993,8 +1013,8 @@ def pipeline_loader(
     batches = [list(indices[i:i + batch_size]) for i in range(0, len(indices), batch_size)]
     batch_dataset = _BatchDataset(wrapped, batches, pool)
     weakref.finalize(batch_dataset, slots.release, pool.id)  # loaders and their iterators hold the dataset
-    return DataLoader(batch_dataset, batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=_whole,
-                      pin_memory=device.type == "cuda", **workers)
+    return _SlotLoader(batch_dataset, batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=_whole,
+                       pin_memory=device.type == "cuda", **workers)
 
 
 LOADER_BATCH = 64  # images per worker batch: small batches keep every worker busy to the end
