@@ -759,10 +759,15 @@ def test_turbo_hands_damaged_jpegs_to_pil(files, tmp_path):
         assert torch.equal(pixels[ok], eval_transform_uint8_batch([files[0], files[1], files[3]]))
 
 
-def test_turbo_without_simplejpeg_says_how_to_install(monkeypatch):
+def test_turbo_without_simplejpeg_says_how_to_install(monkeypatch, capsys):
+    from unicom.programs.retrieval import main
+
     monkeypatch.setitem(sys.modules, "simplejpeg", None)  # import simplejpeg now raises ImportError
     with pytest.raises(ImportError, match="pip install simplejpeg"):
         InputPipeline("turbo")
+    with pytest.raises(SystemExit) as exit_info:  # the programs refuse the flag before loading anything
+        main(["--eval", "--dataset", "digits", "--model_name", "ViT-B/32", "--decode", "turbo"])
+    assert exit_info.value.code == 2 and "turbo needs the simplejpeg package" in capsys.readouterr().err
 
 
 def test_turbo_decodes_with_pil_when_the_probe_disagrees(files, monkeypatch, caplog):

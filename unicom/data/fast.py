@@ -921,7 +921,7 @@ class _SlotLoader(DataLoader):
             yield images, torch.as_tensor(labels), torch.as_tensor(indices), torch.as_tensor(ok)  # no copies
 
 
-SLOT_POOL_MB = 2048  # default cap of a device-resize loader's slots (shared, and on CUDA pinned, memory)
+SLOT_POOL_MB = 2048  # default cap of a whole-image loader's slots (shared, and on CUDA pinned, memory)
 
 
 def _slot_pool_bytes() -> int:

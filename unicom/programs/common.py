@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .. import distributed as dist
+from ..data import jpeg
 from ..data.fast import DECODE_CHOICES, resolve_decode
 
 PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16")
@@ -45,6 +47,15 @@ def write_json(obj: dict, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
+def _decode_option(value: str) -> str:
+    """--decode: a name whose pipeline can run here (turbo needs simplejpeg: said at once, not
+    after the model has loaded)."""
+    if value == "turbo" and not jpeg.available():
+        raise argparse.ArgumentTypeError("turbo needs the simplejpeg package: pip install simplejpeg "
+                                         "(or unicom[fast]), or choose another --decode")
+    return value
+
+
 def add_runtime_args(parser, compile: bool = True) -> None:
     """Flags every program shares: device, precision, data loading (and ``--compile`` for
     the programs that embed with a frozen model)."""
@@ -52,7 +63,7 @@ def add_runtime_args(parser, compile: bool = True) -> None:
                         help="cuda, cuda:1 or cpu (default: the local GPU when there is one, else the CPU)")
     parser.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                         help="autocast precision for the forward pass; auto = fp16 on GPUs, fp32 on CPUs")
-    parser.add_argument("--decode", default="auto", choices=("auto", *DECODE_CHOICES),
+    parser.add_argument("--decode", default="auto", choices=("auto", *DECODE_CHOICES), type=_decode_option,
                         help="input pipeline: auto (default: device-resize on GPUs, exact on CPUs), exact and "
                              "device-resize give the published pixels; turbo (pip install simplejpeg) and "
                              "tv-decode give them wherever their libjpeg-turbo and Pillow's agree (turbo checks at "
