@@ -3,7 +3,7 @@
 # steps run in order of importance, and those that do not fit in BUDGET_S are skipped).
 #
 #   OUT=/tmp/gpu bash benchmarks/run_gpu_checks.sh          # logs and JSON files land in $OUT
-#   ONLY="profile e2e" bash benchmarks/run_gpu_checks.sh    # some steps only
+#   ONLY="e2e profile e2e_workers" bash benchmarks/run_gpu_checks.sh    # some steps only (what is left of issue 6)
 #
 # Run from the repository root; needs torch with CUDA, torchvision, timm, scikit-learn,
 # simplejpeg (--decode turbo) and (for the open_clip peer) open_clip_torch. Every step has its own time limit, and the
@@ -44,6 +44,9 @@ step e2e 300 python3 -m benchmarks.bench_throughput --skip-model --precision fp1
     --num-images 12288 --decode exact device-resize turbo tv-decode tv --json "$OUT/e2e.json"
 # Where the input pipelines spend their time (per image, per batch, the loader alone).
 step profile 120 python3 -m benchmarks.profile_pipeline --count 2048
+# Issue 6: turbo with fewer workers than cores (the main process and the pinning thread need some).
+step e2e_workers 120 python3 -m benchmarks.bench_throughput --skip-model --precision fp16 --no-compile \
+    --num-images 12288 --workers 12 --published-workers 8 --decode turbo --json "$OUT/e2e_workers.json"
 # Issue 6: the model alone, ViT-B/32 then ViT-L/14 (ours eager and compiled; peers eager).
 step model_b32 200 python3 -m benchmarks.bench_throughput --skip-e2e --precision fp16 amp-fp16 \
     --json "$OUT/model_b32.json"
