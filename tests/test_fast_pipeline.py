@@ -759,6 +759,17 @@ def test_turbo_hands_damaged_jpegs_to_pil(files, tmp_path):
         assert torch.equal(pixels[ok], eval_transform_uint8_batch([files[0], files[1], files[3]]))
 
 
+def test_turbo_leaves_decompression_bombs_to_pil(files, monkeypatch):
+    """Images over PIL's pixel limit go to PIL, which refuses them (over twice the limit) as it
+    does for every other pipeline, instead of TurboJPEG allocating whatever a header claims."""
+    from PIL import Image as PILImage
+
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 5000)  # 160x120 = 19,200 pixels: refused
+    for use_slots, workers in ((None, 0), (True, 2)):
+        with pytest.raises(BadImageError, match="DecompressionBomb"):
+            _loader_batches(files[:1], "turbo", use_slots=use_slots, workers=workers)
+
+
 def test_turbo_without_simplejpeg_says_how_to_install(monkeypatch, capsys):
     from unicom.programs.retrieval import main
 

@@ -953,7 +953,7 @@ def _image_allowance(dataset: ImageDataset, samples: int = 32, margin: float = 1
             else:
                 with Image.open(sample) as image:
                     w, h = image.size
-        except (OSError, ValueError, SyntaxError):  # unreadable: the loader reports it; plan generously
+        except _DECODE_ERRORS:  # unreadable or refused: the loader reports it; plan generously
             return _IMAGE_ALLOWANCE
         largest = max(largest, 3 * w * h)
     return int(margin * largest) if largest else _IMAGE_ALLOWANCE

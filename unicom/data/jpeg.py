@@ -52,10 +52,14 @@ def require() -> Any:
 
 
 def header(data: bytes) -> tuple[int, int] | None:
-    """(height, width) of a JPEG this module decodes as PIL would, else None (PIL's turn)."""
+    """(height, width) of a JPEG this module decodes as PIL would, else None (PIL's turn: also
+    for images over PIL's ``Image.MAX_IMAGE_PIXELS``, which PIL warns about or refuses as
+    decompression bombs)."""
     try:
         height, width, colorspace, _ = require().decode_jpeg_header(data)
     except ValueError:
+        return None
+    if Image.MAX_IMAGE_PIXELS is not None and height * width > Image.MAX_IMAGE_PIXELS:
         return None
     return (height, width) if colorspace in _COLORSPACES else None
 
