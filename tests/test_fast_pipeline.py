@@ -759,15 +759,28 @@ def test_turbo_hands_damaged_jpegs_to_pil(files, tmp_path):
         assert torch.equal(pixels[ok], eval_transform_uint8_batch([files[0], files[1], files[3]]))
 
 
-def test_turbo_leaves_decompression_bombs_to_pil(files, monkeypatch):
+@pytest.mark.parametrize("decode", ["turbo", "tv-decode", "tv", "device-decode"])
+def test_other_decoders_leave_decompression_bombs_to_pil(files, monkeypatch, decode):
     """Images over PIL's pixel limit go to PIL, which refuses them (over twice the limit) as it
-    does for every other pipeline, instead of TurboJPEG allocating whatever a header claims."""
+    does for every pipeline, instead of another decoder allocating whatever a header claims."""
     from PIL import Image as PILImage
 
     monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 5000)  # 160x120 = 19,200 pixels: refused
     for use_slots, workers in ((None, 0), (True, 2)):
         with pytest.raises(BadImageError, match="DecompressionBomb"):
-            _loader_batches(files[:1], "turbo", use_slots=use_slots, workers=workers)
+            _loader_batches(files[:1], decode, use_slots=use_slots, workers=workers)
+
+
+def test_jpeg_dimensions_from_the_frame_header(files, tmp_path):
+    from unicom.data import jpeg
+
+    progressive = tmp_path / "progressive.jpg"
+    Image.open(files[2]).save(progressive, quality=80, progressive=True)
+    for path in [p for p in files if p.endswith(".jpg")] + [str(progressive)]:
+        assert jpeg.dimensions(Path(path).read_bytes()) == Image.open(path).size[::-1], path  # RGB, L, CMYK
+    assert jpeg.dimensions(b"\xff\xd8\xff\xda\x00\x02") is None  # a scan before the frame header
+    assert jpeg.dimensions(b"\xff\xd8garbage") is None
+    assert jpeg.dimensions(b"\xff\xd8\xff\xc0\x00\x11\x08\x01") is None  # cut inside the header
 
 
 def test_turbo_without_simplejpeg_says_how_to_install(monkeypatch, capsys):

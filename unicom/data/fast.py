@@ -511,17 +511,19 @@ class PackedImages:
 
 
 def _jpeg_bytes(path: str) -> bytes | None:
-    """The file's bytes if it is a complete JPEG (SOI marker, EOI marker near the end), else None.
+    """The file's bytes if it is a complete JPEG (SOI marker, EOI marker near the end) with a
+    frame header within PIL's pixel limit, else None.
 
-    Truncated files go to PIL, which rejects them as ``ImageDataset`` does; GPU decoders may
-    silently decode what is there.
+    Truncated files go to PIL, which rejects them as ``ImageDataset`` does (GPU decoders may
+    silently decode what is there), and so do decompression bombs, which other decoders would
+    allocate whatever their header claims for.
     """
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError:
         return None
-    if data[:3] != b"\xff\xd8\xff" or b"\xff\xd9" not in data[-1024:]:
+    if data[:3] != b"\xff\xd8\xff" or b"\xff\xd9" not in data[-1024:] or not jpeg.within_pil_limit(data):
         return None
     return data
 

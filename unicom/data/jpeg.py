@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["agrees_with_pil", "available", "decode", "header", "require"]
+__all__ = ["agrees_with_pil", "available", "decode", "dimensions", "header", "require", "within_pil_limit"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,40 @@ def require() -> Any:
         raise ImportError("decode='turbo' needs the simplejpeg package (libjpeg-turbo's TurboJPEG API): "
                           "pip install simplejpeg (or unicom[fast]), or choose another --decode")
     return module
+
+
+_NOT_FRAMES = (0xC4, 0xC8, 0xCC)  # DHT, JPG, DAC: markers in the SOFn range that are not frame headers
+
+
+def dimensions(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's frame header (SOFn), read in Python without any decoder;
+    None where the markers before it are malformed."""
+    i, n = 2, len(data)  # after SOI
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+        elif 0xC0 <= marker <= 0xCF and marker not in _NOT_FRAMES:
+            if i + 9 > n:
+                return None
+            return int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+        elif marker == 0xDA:  # a scan before any frame header
+            return None
+        else:
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
+def within_pil_limit(data: bytes) -> bool:
+    """Whether a JPEG's frame header is readable and within PIL's ``Image.MAX_IMAGE_PIXELS``:
+    decoders other than PIL's get only those (PIL warns about or refuses the others as
+    decompression bombs, and reports malformed files)."""
+    size = dimensions(data)
+    return size is not None and (Image.MAX_IMAGE_PIXELS is None or size[0] * size[1] <= Image.MAX_IMAGE_PIXELS)
 
 
 def header(data: bytes) -> tuple[int, int] | None:
