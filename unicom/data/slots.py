@@ -37,7 +37,7 @@ _POOLS: dict[int, SlotPool] = {}  # pool id -> pool, in this process (workers in
 _IDLE: list[SlotPool] = []  # pools of finished loaders, kept for the next (oldest first)
 MAX_IDLE = 1  # one loader at a time is the common case (query, then gallery; train, then val)
 _ids = itertools.count()
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entrant: a loader's finaliser (release) may run in a garbage collection under it
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,8 @@ def acquire(num_slots: int, slot_bytes: int, pin: bool = False) -> SlotPool:
         fits = [p for p in _IDLE if len(p) >= num_slots and p.slot_bytes >= slot_bytes and p.pinned >= pin]
         if fits:
             pool = min(fits, key=lambda p: len(p) * p.slot_bytes)
-            _IDLE.remove(pool)
+            if pool in _IDLE:  # a release run by a collection just now may have dropped it: it is ours anyway
+                _IDLE.remove(pool)
             pool.owner.fill_(-1)
             pool.id = next(_ids) + (os.getpid() << 20)
             _POOLS[pool.id] = pool
