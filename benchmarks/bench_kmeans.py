@@ -47,7 +47,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--niter", type=int, default=20)
     p.add_argument("--max-points-per-centroid", type=int, default=256)
     p.add_argument("--assign-scale", type=float, default=None,
-                   help="fraction of K = 65,536 and of the points for the throughput (default: 1 on a GPU, 1/16 on a CPU)")
+                   help="fraction of K = 65,536 and of the points for the throughput "
+                        "(default: 1 on a GPU, 1/16 on a CPU)")
     p.add_argument("--assign-points", type=int, default=1 << 20, help="points assigned at full assign scale")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device of the torch backend")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads (torch and faiss)")

@@ -445,7 +445,8 @@ def bench_e2e(args, device, model, folder: Path) -> list[dict]:
                 cosine = float(F.cosine_similarity(features.double(), exact_features.double(), dim=1).min())
             rows.append({"pipeline": f"ours {decode}{note}", "model": f"ours {label}", "images_per_s": speed,
                          "input_per_s": input_only, "loader_per_s": loader_only, "ratio": speed / base,
-                         "exact": "yes" if pipeline.exact else ("same px" if pixel_diff == 0 else "no"), "pixel_diff": pixel_diff, "min_cos": cosine})
+                         "exact": "yes" if pipeline.exact else ("same px" if pixel_diff == 0 else "no"),
+                         "pixel_diff": pixel_diff, "min_cos": cosine})
     for row in rows:
         if loader_base and row.get("loader_per_s"):
             row["loader_ratio"] = row["loader_per_s"] / loader_base

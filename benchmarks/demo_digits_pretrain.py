@@ -33,9 +33,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from unicom.checkpoint import save_model
-from unicom.data import load_retrieval_dataset
-from unicom.programs import cluster, extract_features, pretrain, retrieval
+from unicom.checkpoint import save_model  # noqa: E402  (after the sys.path line)
+from unicom.data import load_retrieval_dataset  # noqa: E402
+from unicom.programs import cluster, extract_features, pretrain, retrieval  # noqa: E402
 
 
 def run(name: str, main, argv: list[str]) -> float:

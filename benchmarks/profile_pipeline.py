@@ -74,7 +74,8 @@ def main(argv=None) -> int:
         print(f"\n(2) per batch of {args.batch} in the main process, on {device} (ms, synchronised)")
         if device.type != "cuda":
             print("  (skipped: the device work is for GPUs; on a CPU the exact resize replay costs more than PIL's)")
-        for decode in ("exact", "device-resize", "tv-decode", "turbo", "device-decode") if device.type == "cuda" else ():
+        device_decodes = ("exact", "device-resize", "tv-decode", "turbo", "device-decode")
+        for decode in device_decodes if device.type == "cuda" else ():
             pipeline = InputPipeline(decode)
             wrapped = pipeline.dataset(dataset)
             batch = wrapped.collate([wrapped[i] for i in range(min(args.batch, len(paths)))])

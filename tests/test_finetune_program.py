@@ -27,7 +27,8 @@ from unicom.programs import finetune  # noqa: E402
 from unicom.programs.retrieval import main  # noqa: E402
 from unicom.transforms import eval_transform  # noqa: E402
 
-pytestmark = [pytest.mark.filterwarnings("ignore::unicom.data.DatasetCountWarning"), pytest.mark.usefixtures("one_thread")]
+pytestmark = [pytest.mark.filterwarnings("ignore::unicom.data.DatasetCountWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 ROOT = Path(__file__).resolve().parents[1]
 # Synthetic CUB with 6 classes of 5 images: 15 training images in 3 classes, 15 test images.

@@ -260,7 +260,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(digits, tmp_path) -> Non
     assert pretrain.main(argv(digits, killed, *extra, "--resume", "auto")) == 0
     a, b = weights(killed / "model_last.pt"), weights(straight / "model_last.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    history = lambda out: [(e["epoch"], e["step"]) for e in results(out)["history"]]
+    def history(out):
+        return [(e["epoch"], e["step"]) for e in results(out)["history"]]
+
     assert history(killed) == history(straight) == [(1, 6), (2, 12), (3, 18)]
     # the epochs run after the resume have the same losses
     assert results(killed)["history"][-1]["loss"] == results(straight)["history"][-1]["loss"]

@@ -28,7 +28,8 @@ from unicom.data import BadImageError  # noqa: E402
 from unicom.metrics import retrieval_metrics  # noqa: E402
 from unicom.programs.retrieval import main  # noqa: E402
 
-pytestmark = [pytest.mark.filterwarnings("ignore::unicom.data.DatasetCountWarning"), pytest.mark.usefixtures("one_thread")]
+pytestmark = [pytest.mark.filterwarnings("ignore::unicom.data.DatasetCountWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 # Synthetic CUB: 10 classes, the last 5 test, 5 images each: 25 test images, a count that
 # splits unevenly over 2 (13 + 12) and 3 (9 + 8 + 8) processes.

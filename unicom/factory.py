@@ -41,7 +41,9 @@ def _resolve_precision(precision: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"Unknown precision {precision!r}: expected one of {list(PRECISIONS)}") from None
 
 
-def _weights_file(name_or_path: str | os.PathLike, download_root: str | os.PathLike | None) -> tuple[Path, ViTConfig | None]:
+def _weights_file(
+    name_or_path: str | os.PathLike, download_root: str | os.PathLike | None
+) -> tuple[Path, ViTConfig | None]:
     """The local file to load and, for a registry name, its known architecture."""
     if isinstance(name_or_path, str) and name_or_path in REGISTRY:
         from .hub import download  # the only network code

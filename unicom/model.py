@@ -136,7 +136,8 @@ class VisionTransformer(nn.Module):
         drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        cfg = ViTConfig(input_size, patch_size, in_channels, dim, embedding_size, depth, num_heads, mlp_ratio, drop_path_rate)
+        cfg = ViTConfig(input_size, patch_size, in_channels, dim, embedding_size, depth, num_heads, mlp_ratio,
+                        drop_path_rate)
         self.config = cfg
         self.grad_checkpointing = False
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches, dim))

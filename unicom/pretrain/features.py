@@ -367,7 +367,8 @@ def _read_meta(output_dir: Path, name: str) -> dict | None:
 
 
 def _config_mismatch(found: dict, wanted: dict) -> str:
-    diffs = [f"{k}: {found.get(k)!r} != {wanted.get(k)!r}" for k in sorted({*found, *wanted}) if found.get(k) != wanted.get(k)]
+    diffs = [f"{k}: {found.get(k)!r} != {wanted.get(k)!r}"
+             for k in sorted({*found, *wanted}) if found.get(k) != wanted.get(k)]
     return "; ".join(diffs)
 
 
@@ -422,8 +423,8 @@ def extract_features(
     if (output_dir / MANIFEST).exists():
         found = json.loads((output_dir / MANIFEST).read_text())["config"]
         if found != config:
-            raise ValueError(f"{output_dir} holds features of another configuration ({_config_mismatch(found, config)}); "
-                             "use a new output folder")
+            raise ValueError(f"{output_dir} holds features of another configuration "
+                             f"({_config_mismatch(found, config)}); use a new output folder")
 
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = [s for i, s in enumerate(shards) if i % world == rank]

@@ -107,7 +107,8 @@ def _resolve_backend(backend: str) -> str:
     if backend == "auto":
         return "faiss" if faiss_available() else "torch"
     if backend == "faiss" and not faiss_available():
-        raise ImportError("backend='faiss' needs faiss (pip install faiss-cpu, or faiss-gpu); backend='torch' needs nothing")
+        raise ImportError("backend='faiss' needs faiss (pip install faiss-cpu, or faiss-gpu); "
+                          "backend='torch' needs nothing")
     return backend
 
 
