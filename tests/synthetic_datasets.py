@@ -8,7 +8,9 @@ is expected to yield it.
 
 from __future__ import annotations
 
+import io
 import os
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +28,7 @@ __all__ = [
     "make_inshop",
     "make_inat",
     "make_bad_images",
+    "write_tar",
 ]
 
 SIZE = (16, 12)  # (width, height)
@@ -276,3 +279,15 @@ def make_bad_images(folder: str | os.PathLike) -> dict[str, Path]:
     paths["empty"].write_bytes(b"")
     paths["text"].write_text("this is not a JPEG\n")
     return paths
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A tar holding ``(name, data)`` members in this order (the webdataset layout)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 0
+            tar.addfile(info, io.BytesIO(data))
+    return path

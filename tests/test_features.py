@@ -17,6 +17,7 @@ import pytest
 import torch
 from dist_utils import run_in_processes
 from PIL import Image
+from synthetic_datasets import write_tar
 
 from unicom.pretrain.features import (
     ClipSource,
@@ -44,18 +45,6 @@ def image_bytes(seed: int, fmt: str = "PNG", size: tuple[int, int] = (20, 14), m
     buffer = io.BytesIO()
     image.save(buffer, fmt)
     return buffer.getvalue()
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    """A tar holding ``(name, data)`` members in this order (the webdataset layout)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = 0
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def sample_members(shard: int, count: int, bad: bool = True) -> list[tuple[str, bytes]]:

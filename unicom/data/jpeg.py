@@ -86,14 +86,12 @@ def within_pil_limit(data: bytes) -> bool:
 
 
 def header(data: bytes) -> tuple[int, int] | None:
-    """(height, width) of a JPEG this module decodes as PIL would, else None (PIL's turn: also
-    for images over PIL's ``Image.MAX_IMAGE_PIXELS``, which PIL warns about or refuses as
-    decompression bombs)."""
+    """(height, width) of a JPEG this module decodes as PIL would, else None (PIL's turn).
+    Callers pass bytes that :func:`within_pil_limit` accepted (the pipelines do so for every
+    decoder other than PIL's)."""
     try:
         height, width, colorspace, _ = require().decode_jpeg_header(data)
     except ValueError:
-        return None
-    if Image.MAX_IMAGE_PIXELS is not None and height * width > Image.MAX_IMAGE_PIXELS:
         return None
     return (height, width) if colorspace in _COLORSPACES else None
 

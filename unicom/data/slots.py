@@ -66,7 +66,7 @@ class SlotPool:
         self.owner = torch.full((num_slots,), -1, dtype=torch.int64).share_memory_()
         self.creator = os.getpid()
         with _lock:
-            self.id = next(_ids) + (os.getpid() << 20)
+            self.id = _new_id()
             _POOLS[self.id] = self
         self.pinned = pin and self._pin()
 
@@ -134,6 +134,11 @@ def pool_of(ref: SlotRef) -> SlotPool:
         raise RuntimeError("this batch's slot pool is gone (its DataLoader was deleted)") from None
 
 
+def _new_id() -> int:
+    """A new pool id, unique in this process tree (the creating pid in its high bits)."""
+    return next(_ids) + (os.getpid() << 20)
+
+
 def acquire(num_slots: int, slot_bytes: int, pin: bool = False) -> SlotPool:
     """A pool of at least ``num_slots`` slots of ``slot_bytes``: an idle one given back by a
     finished loader when one fits (no new shared memory to allocate, fault in and pin: for a
@@ -146,7 +151,7 @@ def acquire(num_slots: int, slot_bytes: int, pin: bool = False) -> SlotPool:
             if pool in _IDLE:  # a release run by a collection just now may have dropped it: it is ours anyway
                 _IDLE.remove(pool)
             pool.owner.fill_(-1)
-            pool.id = next(_ids) + (os.getpid() << 20)
+            pool.id = _new_id()
             _POOLS[pool.id] = pool
             return pool
     return SlotPool(num_slots, slot_bytes, pin)
