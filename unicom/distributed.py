@@ -27,6 +27,7 @@ __all__ = [
     "all_gather_varlen",
     "all_gather_with_grad",
     "shard_range",
+    "wire_device",
 ]
 
 
@@ -90,10 +91,29 @@ def barrier() -> None:
         dist.barrier()
 
 
+def wire_device(tensor: torch.Tensor, backend: str | None = None) -> torch.device:
+    """Where a collective on ``tensor`` runs: CUDA for NCCL (it takes no CPU tensors), the CPU
+    for gloo (whose CUDA support is partial), else where the tensor is. ``backend`` defaults to
+    the process group's."""
+    backend = backend if backend is not None else (dist.get_backend() if is_initialized() else None)
+    if backend == "nccl" and tensor.device.type != "cuda":
+        return torch.device("cuda")  # the current device (setup() sets it)
+    if backend == "gloo" and tensor.device.type != "cpu":
+        return torch.device("cpu")
+    return tensor.device
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over all processes, in place; returns it for chaining."""
+    """Sum ``tensor`` over all processes, in place, whatever its device and the backend;
+    returns it for chaining."""
     if is_initialized() and get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        wire = wire_device(tensor)
+        if wire == tensor.device:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        else:
+            moved = tensor.to(wire)
+            dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+            tensor.copy_(moved)
     return tensor
 
 
@@ -102,11 +122,15 @@ def all_gather_varlen(tensor: torch.Tensor) -> torch.Tensor:
 
     The first dimension may differ between processes (uneven shards); the other
     dimensions and the dtype must agree. Padding is used on the wire only, never
-    in the result, so no element is duplicated.
+    in the result, so no element is duplicated. The result is on ``tensor``'s device,
+    whatever device the backend needs on the wire (:func:`wire_device`).
     """
     world = get_world_size()
     if world == 1:
         return tensor
+    wire = wire_device(tensor)
+    if wire != tensor.device:
+        return all_gather_varlen(tensor.to(wire)).to(tensor.device)
     tensor = tensor.contiguous()
     n = torch.tensor([tensor.shape[0]], device=tensor.device, dtype=torch.long)
     sizes = [torch.zeros_like(n) for _ in range(world)]

@@ -220,7 +220,7 @@ def _sample_indices(n: int, m: int, generator: torch.Generator) -> torch.Tensor:
 
 def _global_layout(n_local: int) -> tuple[int, int]:
     """(offset of this process's block in the global row order, total rows)."""
-    sizes = _all_gather(torch.tensor([n_local], dtype=torch.long))
+    sizes = dist.all_gather_varlen(torch.tensor([n_local], dtype=torch.long))
     rank = dist.get_rank()
     return int(sizes[:rank].sum()), int(sizes.sum())
 
@@ -250,29 +250,6 @@ def _split_empty(centroids: torch.Tensor, counts: torch.Tensor, generator: torch
     return splits
 
 
-def _comm_device(t: torch.Tensor) -> torch.device:
-    """Where a collective on ``t`` must run: CUDA for NCCL, the CPU for gloo."""
-    if dist.get_world_size() == 1:
-        return t.device
-    if torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over processes in place, whatever the backend and the tensor's device."""
-    device = _comm_device(t)
-    if device == t.device:
-        return dist.all_reduce_sum(t)
-    t.copy_(dist.all_reduce_sum(t.to(device)))
-    return t
-
-
-def _all_gather(t: torch.Tensor) -> torch.Tensor:
-    """Every process's rows of ``t`` in rank order, on ``t``'s device."""
-    return dist.all_gather_varlen(t.to(_comm_device(t))).to(t.device)
-
-
 @torch.no_grad()
 def _lloyd_torch(sample, init, niter, generator, chunk_size, device, dtype):
     """Distributed Lloyd iterations: local sample rows, centroid sums and counts all-reduced."""
@@ -293,7 +270,7 @@ def _lloyd_torch(sample, init, niter, generator, chunk_size, device, dtype):
             counts += torch.bincount(labels, minlength=k).double()
             objective += sims.double().sum()
         for t in (sums, counts, objective):
-            _all_reduce_sum(t)
+            dist.all_reduce_sum(t)
         history.append(float(objective))
         if bool((counts == 0).any()):
             # rare, and on the host: the split draws from the CPU generator that every process
@@ -351,7 +328,7 @@ def train_centroids(
         init = torch.zeros(k, d, dtype=torch.float32)
         held = (picks >= offset) & (picks < offset + x.shape[0])
         init[held] = x[(picks[held] - offset).to(x.device)].float().cpu()
-        _all_reduce_sum(init)
+        dist.all_reduce_sum(init)
     elif init.shape != (k, d):
         raise ValueError(f"init has shape {tuple(init.shape)}, expected {(k, d)}")
     init = F.normalize(init.float().cpu(), dim=-1)
@@ -364,7 +341,7 @@ def train_centroids(
 
     import faiss
 
-    gathered = _all_gather(local.float().cpu())  # (m, d) in global row order
+    gathered = dist.all_gather_varlen(local.float().cpu())  # (m, d) in global row order
     centroids = torch.zeros(k, d, dtype=torch.float32)
     history = torch.zeros(niter, dtype=torch.float64)
     if dist.is_main_process():
@@ -374,8 +351,8 @@ def train_centroids(
         centroids = torch.from_numpy(np.array(km.centroids, dtype=np.float32))
         history[: len(km.obj)] = torch.from_numpy(np.asarray(km.obj, dtype=np.float64))
     # process 0 holds the result, the others zeros: a sum hands it to all of them exactly
-    _all_reduce_sum(centroids)
-    _all_reduce_sum(history)
+    dist.all_reduce_sum(centroids)
+    dist.all_reduce_sum(history)
     return centroids, history.tolist()
 
 
@@ -391,7 +368,7 @@ def cluster_stats(labels: torch.Tensor, k: int, similarity: torch.Tensor | None 
     ``mean_similarity`` its mean.
     """
     counts = torch.bincount(labels.long().cpu(), minlength=k)[:k].double()
-    _all_reduce_sum(counts)
+    dist.all_reduce_sum(counts)
     n = float(counts.sum())
     nonempty = counts[counts > 0]
     stats = {
@@ -406,7 +383,7 @@ def cluster_stats(labels: torch.Tensor, k: int, similarity: torch.Tensor | None 
     }
     if similarity is not None:
         total = torch.tensor([float(similarity.double().sum())], dtype=torch.float64)
-        _all_reduce_sum(total)
+        dist.all_reduce_sum(total)
         stats["objective"] = float(total)
         stats["mean_similarity"] = float(total) / n if n else 0.0
     return stats
@@ -473,7 +450,7 @@ def spherical_kmeans(
         centroids, history = train_centroids(x, k, niter, seed=seed, init=init, **options)
         labels, sims = assign(x, centroids, **assign_options)
         stats = cluster_stats(labels, k, sims)
-        return KMeansResult(centroids, _all_gather(labels) if gather else labels, stats, history)
+        return KMeansResult(centroids, dist.all_gather_varlen(labels) if gather else labels, stats, history)
     if levels != 2:
         raise ValueError(f"levels must be 1 or 2, got {levels}")
     if init is not None:
@@ -483,7 +460,7 @@ def spherical_kmeans(
     coarse, history = train_centroids(x, k1, niter, seed=seed, **options)
     coarse_labels, _ = assign(x, coarse, **assign_options)
     sizes = torch.bincount(coarse_labels, minlength=k1).double()
-    _all_reduce_sum(sizes)
+    dist.all_reduce_sum(sizes)
     fine = allocate_subclusters(sizes.long(), k)  # (k1,) clusters per coarse cluster, sum k
     offsets = torch.cumsum(fine, 0) - fine
     order = torch.argsort(coarse_labels, stable=True)
@@ -508,7 +485,7 @@ def spherical_kmeans(
         sims[rows.cpu()] = sub_sims
     stats = cluster_stats(labels, k, sims)
     stats.update(levels=2, coarse_clusters=k1)
-    return KMeansResult(centroids, _all_gather(labels) if gather else labels, stats, history)
+    return KMeansResult(centroids, dist.all_gather_varlen(labels) if gather else labels, stats, history)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
