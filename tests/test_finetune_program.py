@@ -81,6 +81,7 @@ def test_run_writes_loadable_models_results_and_a_checkpoint(cub, checkpoint, tm
     assert EVAL_FIELDS <= set(record)
     assert record["epoch"] == 2 and record["world_size"] == 1 and record["dataset"] == "cub"
     assert record["num_query"] == 15
+    assert record["settings"]["epochs"] == 2 and record["settings"]["lr_pfc_weight"] == 10.0  # how it was trained
     last, best = state_dict(out / "model_last.pt"), state_dict(out / "model_best.pt")
     start = state_dict(Path(checkpoint))
     assert any(not torch.equal(last[k], start[k]) for k in start), "training changed nothing"
@@ -192,7 +193,7 @@ def test_gradient_accumulation_sums_micro_batch_gradients(cub, checkpoint, tmp_p
     saved = torch.load(out / "checkpoints" / "epoch_0001" / "rank_0.pt", map_location="cpu", weights_only=True)
     assert saved["step"] == 1
     lr_backbone, lr_centres = (g["initial_lr"] for g in saved["optimizer"]["param_groups"])
-    assert (lr_backbone, lr_centres) == pytest.approx((lr / 25, lr * 5.0 / 25))  # one-cycle's first lr
+    assert (lr_backbone, lr_centres) == pytest.approx((lr / 25, lr * 10.0 / 25))  # one-cycle's first lr
 
     model, _ = unicom.load(checkpoint, device="cpu")
     model.train()
@@ -303,3 +304,76 @@ def test_resume_with_another_world_size_is_an_error(two_process_run: Path, cub, 
     folder = two_process_run / "checkpoints" / "epoch_0002"
     with pytest.raises(RuntimeError, match="written by 2 processes"):
         main(train_argv(cub, checkpoint, tmp_path, "--resume", str(folder)))
+
+
+# ----------------------------------------------------------------------------- published settings
+
+
+def _reference_runs() -> dict[tuple[str, str], dict]:
+    """The 'Published scripts' lines of ../shared/reference/UPSTREAM.md, parsed: (dataset, model) ->
+    processes, batch_size, epochs, lr, margin_loss_m2, output_dim and (where the line names it) transform."""
+    text = (ROOT.parent / "shared" / "reference" / "UPSTREAM.md").read_text()
+    section = text[text.index("- Published scripts"):text.index("## Published results")]
+    datasets = {"SOP": "sop", "In-Shop": "inshop", "iNaturalist": "inat"}
+    runs = {}
+    for line in " ".join(section.split()).split(" - ")[1:]:
+        name, rest = line.split(": ", 1)
+        previous = None
+        for entry in rest.rstrip(".").split("; "):
+            model, gpus, fields = entry.split(" ", 2)
+            fields = previous if fields.rstrip(".") == "same" else fields.rstrip(".").split(", ")
+            processes, batch = (int(x) for x in gpus.rstrip(",").split("x"))
+            run = dict(processes=processes, batch_size=batch, epochs=int(fields[0]), lr=float(fields[1]),
+                       margin_loss_m2=float(fields[2]), output_dim=int(fields[3]))
+            if len(fields) > 4:
+                run["transform"] = fields[4]
+            runs[(datasets[name], "ViT-" + model.replace("@336", "@336px"))] = run
+            previous = fields
+    return runs
+
+
+def test_published_runs_are_the_reference_scripts() -> None:
+    reference = _reference_runs()
+    assert set(reference) == set(finetune.PUBLISHED_RUNS)
+    for key, run in reference.items():
+        assert {k: finetune.PUBLISHED_RUNS[key][k] for k in run} == run, key
+    assert finetune.PUBLISHED_COMMON["lr_pfc_weight"] == 10.0  # "the class centres get lr * lr_pfc_weight (10)"
+
+
+def test_published_flag_fills_in_what_the_command_line_leaves_out() -> None:
+    from unicom.programs.retrieval import parse_args
+
+    args = parse_args(["--dataset", "sop", "--model_name", "ViT-L/14", "--published", "--lr", "2e-5"])
+    assert (args.batch_size, args.epochs, args.margin_loss_m2, args.output_dim, args.transform) == \
+        (16, 64, 0.3, 768, "origin_clip")
+    assert (args.num_feat, args.sample_rate, args.lr_pfc_weight, args.margin_loss_s, args.seed) == \
+        (512, 1.0, 10.0, 32.0, 1024)
+    assert args.lr == 2e-5  # given explicitly: it wins
+    plain = parse_args(["--dataset", "sop", "--model_name", "ViT-L/14"])
+    assert (plain.lr, plain.num_feat, plain.lr_pfc_weight) == (1e-4, None, 10.0)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--published", "--dataset", "cub", "--model_name", "ViT-B/32"], "no published fine-tuning run for --dataset cub"),
+    (["--published", "--dataset", "sop", "--model_name", "ViT-B/32", "--eval"], "--eval has none to set"),
+])
+def test_published_flag_errors(argv: list[str], message: str, capsys) -> None:
+    from unicom.programs.retrieval import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_published_run_on_another_global_batch_is_reported(caplog) -> None:
+    from unicom.programs.retrieval import _compare_with_published, parse_args
+
+    args = parse_args(["--dataset", "sop", "--model_name", "ViT-L/14", "--published"])  # 4 x 16 published
+    with caplog.at_level("WARNING", logger="unicom.retrieval"):
+        _compare_with_published(args)
+    assert "4 process(es) x 16 images (64 per step); this one 1 x 16 (16)" in caplog.text
+    caplog.clear()
+    args = parse_args(["--dataset", "sop", "--model_name", "ViT-L/14", "--published", "--batch_size", "64"])
+    with caplog.at_level("WARNING", logger="unicom.retrieval"):
+        _compare_with_published(args)
+    assert caplog.text == ""

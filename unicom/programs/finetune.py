@@ -39,13 +39,57 @@ logger = logging.getLogger("unicom.finetune")
 
 CHECKPOINTS = "checkpoints"
 
+# The published fine-tuning scripts, as data: (dataset, model) -> processes x batch per process,
+# epochs, peak lr, ArcFace margin m2, embedding size, augmentation. Every one of them also uses
+# the settings in PUBLISHED_COMMON. ``retrieval.py --published`` starts from these.
+PUBLISHED_RUNS = {
+    ("sop", "ViT-B/32"): dict(processes=1, batch_size=64, epochs=64, lr=1e-5, margin_loss_m2=0.25, output_dim=512,
+                              transform="origin_clip"),
+    ("sop", "ViT-B/16"): dict(processes=1, batch_size=64, epochs=64, lr=1e-5, margin_loss_m2=0.25, output_dim=768,
+                              transform="origin_clip"),
+    ("sop", "ViT-L/14"): dict(processes=4, batch_size=16, epochs=64, lr=1e-5, margin_loss_m2=0.3, output_dim=768,
+                              transform="origin_clip"),
+    ("sop", "ViT-L/14@336px"): dict(processes=8, batch_size=16, epochs=64, lr=1e-5, margin_loss_m2=0.25,
+                                    output_dim=768, transform="origin_clip"),
+    ("inshop", "ViT-B/16"): dict(processes=4, batch_size=16, epochs=128, lr=1e-5, margin_loss_m2=0.25,
+                                 output_dim=768, transform="timm"),
+    ("inshop", "ViT-L/14"): dict(processes=4, batch_size=16, epochs=128, lr=1e-5, margin_loss_m2=0.25,
+                                 output_dim=768, transform="timm"),
+    ("inshop", "ViT-L/14@336px"): dict(processes=8, batch_size=16, epochs=128, lr=1e-5, margin_loss_m2=0.25,
+                                       output_dim=768, transform="timm"),
+    ("inat", "ViT-B/16"): dict(processes=8, batch_size=128, epochs=128, lr=4e-5, margin_loss_m2=0.35,
+                               output_dim=768, transform="timm"),
+    ("inat", "ViT-L/14"): dict(processes=8, batch_size=64, epochs=64, lr=1e-5, margin_loss_m2=0.35,
+                               output_dim=768, transform="timm"),
+}
+PUBLISHED_COMMON = dict(margin_loss_s=32.0, margin_loss_m1=1.0, margin_loss_m3=0.0, num_feat=512, sample_rate=1.0,
+                        lr_pfc_weight=10.0, optimizer="adamw", weight_decay=0.0, gradient_acc=1, seed=1024)
+
+
+def settings(args) -> dict:
+    """The run's flags (plain values), as checkpoints and results.json record them."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+def published_settings(dataset: str, model_name: str) -> dict:
+    """The flags of the published fine-tuning script for ``dataset`` and ``model_name`` (without
+    ``processes``, the number of GPUs it ran on); a ValueError names the runs that exist."""
+    run = PUBLISHED_RUNS.get((dataset, model_name))
+    if run is None:
+        runs = ", ".join(f"{d} {m}" for d, m in PUBLISHED_RUNS)
+        raise ValueError(f"no published fine-tuning run for --dataset {dataset} --model_name {model_name}; "
+                         f"published: {runs}")
+    return {**PUBLISHED_COMMON, **{k: v for k, v in run.items() if k != "processes"}}
+
 
 def add_train_args(p: argparse.ArgumentParser, title: str = "fine-tuning (without --eval)") -> None:
     """The published fine-tuning flags (names kept) and a few of ours (also used by pretraining)."""
     g = p.add_argument_group(title)
     g.add_argument("--epochs", type=int, default=32)
     g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of the backbone")
-    g.add_argument("--lr_pfc_weight", type=float, default=5.0, help="the class centres get lr * lr_pfc_weight")
+    # 10: what every published fine-tuning script passes (the published argparse default, 5, is in none)
+    g.add_argument("--lr_pfc_weight", type=float, default=10.0,
+                   help="the class centres get lr * lr_pfc_weight (default %(default)s)")
     g.add_argument("--weight_decay", type=float, default=0.0)
     g.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
     g.add_argument("--gradient_acc", type=int, default=1, help="micro-batches accumulated per optimiser step")
@@ -158,7 +202,7 @@ def save_checkpoint(folder: Path, model, pfc, optimizer, scheduler, scaler, epoc
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": rng_state(),
-        "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+        "args": settings(args),
     }
     if rank == 0:
         payload["model"] = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
@@ -401,7 +445,7 @@ def train(args, device: torch.device) -> int:
             result = evaluate(unwrap(ddp), test_data, args, device, precision)
             record = report(result, test_data, args)
             record.update(epoch=args.epochs, best_recall_at_1=100.0 * best)
-        write_json(record, output / "results.json")
+        write_json({**record, "settings": settings(args)}, output / "results.json")
     dist.barrier()
     return 0
 

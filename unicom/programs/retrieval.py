@@ -22,7 +22,7 @@ from ..embed import Embeddings, embed_loader, gather_embeddings
 from ..factory import load
 from ..metrics import retrieval_metrics
 from .common import add_runtime_args, resolve_precision, runtime_record, setup_logging, write_json
-from .finetune import add_train_args, train
+from .finetune import PUBLISHED_RUNS, add_train_args, published_settings, train
 
 logger = logging.getLogger("unicom.retrieval")
 
@@ -31,6 +31,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("retrieval", add_help=add_help, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--eval", action="store_true", help="zero-shot evaluation only (no fine-tuning)")
+    p.add_argument("--published", action="store_true",
+                   help="fine-tuning: start from the published script's settings for --dataset and --model_name "
+                        "(batch per process, epochs, lr, margins, num_feat, transform, ...); flags given here win")
     p.add_argument("--dataset", default="cub", help=f"one of {', '.join(available_datasets())}")
     p.add_argument("--data-root", "--data_root", dest="data_root", default="data",
                    help="folder holding the datasets in their standard layouts (default: data)")
@@ -51,6 +54,34 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add_runtime_args(p)
     add_train_args(p)
     return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; with ``--published``, the published run's settings fill in every flag not given."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if not args.published:
+        return args
+    if args.eval:
+        parser.error("--published sets fine-tuning flags; zero-shot --eval has none to set")
+    try:
+        settings = published_settings(args.dataset, args.model_name)
+    except ValueError as error:
+        parser.error(str(error))
+    parser.set_defaults(**settings)
+    return parser.parse_args(argv)  # what the command line says still wins
+
+
+def _compare_with_published(args) -> None:
+    """Say so when this run's global batch differs from the published run's (ArcFace over Partial FC
+    sees every process's batch at once: its size is part of the setting)."""
+    processes = PUBLISHED_RUNS[(args.dataset, args.model_name)]["processes"]
+    published = processes * PUBLISHED_RUNS[(args.dataset, args.model_name)]["batch_size"]
+    world = dist.get_world_size()
+    if world * args.batch_size != published:
+        logger.warning("the published run used %d process(es) x %d images (%d per step); this one %d x %d (%d): "
+                       "results may differ from the published numbers", processes, published // processes,
+                       published, world, args.batch_size, world * args.batch_size)
 
 
 def embed_dataset(model, dataset, args, device, precision: str, desc: str) -> Embeddings:
@@ -129,11 +160,13 @@ def report(result: dict, data: RetrievalDataset, args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+    args = parse_args(argv)
     device = dist.setup(args.device)
     setup_logging()
     try:
         if not args.eval:
+            if args.published:
+                _compare_with_published(args)
             if args.compile:
                 raise ValueError("--compile applies to --eval (embedding with a frozen model); fine-tuning runs "
                                  "eagerly")
