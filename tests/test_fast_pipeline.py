@@ -771,6 +771,42 @@ def test_other_decoders_leave_decompression_bombs_to_pil(files, monkeypatch, dec
             _loader_batches(files[:1], decode, use_slots=use_slots, workers=workers)
 
 
+def _headers_pil_refuses(path: str) -> dict[str, bytes]:
+    """A good JPEG with header damage libjpeg-turbo skips over but PIL's marker parser refuses."""
+    good = Path(path).read_bytes()
+    return {
+        "tem": good[:2] + b"\xff\x01" + good[2:],  # a TEM marker (no length) after SOI
+        "short_jfif": good[:2] + b"\xff\xe0\x00\x07JFIF\x00" + good[2:],  # APP0 too short for JFIF
+        "short_icc": good[:2] + b"\xff\xe2\x00\x0eICC_PROFILE\x00" + good[2:],  # ICC chunk without its numbers
+    }
+
+
+@pytest.mark.parametrize("decode", ["turbo", "tv-decode", "tv", "device-decode"])
+def test_other_decoders_fail_or_skip_what_pil_refuses_to_open(files, tmp_path, decode):
+    """libjpeg-turbo decodes these; the published path (PIL) refuses them: every pipeline must
+    too (an error, or ok False when skipping bad images), never embed them."""
+    from unicom.data import jpeg
+
+    refused = []
+    for name, data in _headers_pil_refuses(files[2]).items():
+        path = tmp_path / f"{name}.jpg"
+        path.write_bytes(data)
+        assert jpeg.decode(data) is not None and not jpeg.pil_opens(data)
+        with pytest.raises(BadImageError):
+            ImageDataset([str(path)], [0], eval_transform(48))[0]  # the published path
+        refused.append(str(path))
+    assert jpeg.pil_opens(Path(files[2]).read_bytes())
+    paths = [files[0], *refused, files[1], files[3]]
+    # Workers write whole images into slots for turbo and tv-decode: both ways there.
+    for use_slots, workers in ((None, 0), (True, 2)) if decode in ("turbo", "tv-decode") else ((None, 0),):
+        with pytest.raises(BadImageError, match="tem.jpg"):
+            _loader_batches(paths, decode, use_slots=use_slots, workers=workers)
+        _, pixels, ok, _ = _loader_batches(paths, decode, use_slots=use_slots, workers=workers, skip_bad_images=True)
+        assert ok.tolist() == [True, False, False, False, True, True]
+        if decode != "tv":  # tv resizes its own way
+            assert torch.equal(pixels[ok], eval_transform_uint8_batch([files[0], files[1], files[3]]))
+
+
 def test_jpeg_dimensions_from_the_frame_header(files, tmp_path):
     from unicom.data import jpeg
 

@@ -512,11 +512,12 @@ class PackedImages:
 
 def _jpeg_bytes(path: str) -> bytes | None:
     """The file's bytes if it is a complete JPEG (SOI marker, EOI marker near the end) with a
-    frame header within PIL's pixel limit, else None.
+    frame header within PIL's pixel limit and headers PIL opens, else None.
 
     Truncated files go to PIL, which rejects them as ``ImageDataset`` does (GPU decoders may
     silently decode what is there), and so do decompression bombs, which other decoders would
-    allocate whatever their header claims for.
+    allocate whatever their header claims for, and headers PIL refuses but libjpeg-turbo and
+    nvJPEG skip over (the published path fails or skips those files).
     """
     try:
         with open(path, "rb") as f:
@@ -524,6 +525,8 @@ def _jpeg_bytes(path: str) -> bytes | None:
     except OSError:
         return None
     if data[:3] != b"\xff\xd8\xff" or b"\xff\xd9" not in data[-1024:] or not jpeg.within_pil_limit(data):
+        return None
+    if not jpeg.pil_opens(data):
         return None
     return data
 
