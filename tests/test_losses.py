@@ -29,11 +29,13 @@ def brute_force(
     m3: float,
     classes: torch.Tensor | None = None,
     feat: torch.Tensor | None = None,
+    gradient: str = "straight-through",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss and gradients (embeddings, full weight) of the margin softmax, in float64.
 
     Only the centres ``classes`` (global indices; default all) and the dimensions ``feat``
-    (default all) take part; the other rows of the weight get a zero gradient.
+    (default all) take part; the other rows of the weight get a zero gradient. With
+    ``gradient="straight-through"`` the margin is a constant added to the true-class cosine.
     """
     emb = emb.detach().double().requires_grad_()
     weight = weight.detach().double().requires_grad_()
@@ -47,7 +49,10 @@ def brute_force(
     onehot = F.one_hot(labels, cos.shape[1]).bool()
     angle = m1 * torch.acos(cos) + m2
     assert (angle[onehot] < math.pi).all(), "test data must stay clear of the fallback"
-    logits = s * torch.where(onehot, torch.cos(angle) - m3, cos)
+    target = torch.cos(angle) - m3
+    if gradient == "straight-through":
+        target = cos + (target - cos).detach()
+    logits = s * torch.where(onehot, target, cos)
     loss = F.cross_entropy(logits, labels)
     loss.backward()
     return loss.detach(), emb.grad, weight.grad
@@ -96,23 +101,45 @@ def test_margin_loss_matches_brute_force(name: str) -> None:
 def test_margin_loss_gradcheck(name: str) -> None:
     cos = (torch.rand(4, 3, dtype=torch.float64) * 1.6 - 0.8).requires_grad_()
     labels = torch.tensor([1, -1, 0, 2])
-    assert torch.autograd.gradcheck(lambda x: CombinedMarginLoss(**MARGINS[name])(x, labels), (cos,))
+    assert torch.autograd.gradcheck(lambda x: CombinedMarginLoss(**MARGINS[name], gradient="exact")(x, labels),
+                                    (cos,))
 
 
+@pytest.mark.parametrize("name", MARGINS)
+def test_margin_loss_straight_through_gradient_is_the_cosines(name: str) -> None:
+    """As published: the margin changes the logit's value, and d(logit)/d(cos) is s for every entry."""
+    cos = (torch.rand(4, 3, dtype=torch.float64) * 1.6 - 0.8).requires_grad_()
+    labels = torch.tensor([1, -1, 0, 2])
+    weights = torch.rand(4, 3, dtype=torch.float64)
+    straight = CombinedMarginLoss(**MARGINS[name])
+    out = straight(cos, labels)
+    (out * weights).sum().backward()
+    torch.testing.assert_close(cos.grad, MARGINS[name]["s"] * weights, rtol=0, atol=0)
+    torch.testing.assert_close(out, CombinedMarginLoss(**MARGINS[name], gradient="exact")(cos, labels),
+                               rtol=0, atol=1e-12)  # the same values where the exact mode has no fallback
+
+
+def test_margin_loss_straight_through_value_is_the_published_one_at_every_angle() -> None:
+    loss = CombinedMarginLoss(s=1.0, m1=1.0, m2=0.5, m3=0.1)
+    theta = torch.linspace(0.0, math.pi, 2001, dtype=torch.float64)
+    torch.testing.assert_close(loss.target_logit(torch.cos(theta)), torch.cos(theta + 0.5) - 0.1)
+
+
+@pytest.mark.parametrize("gradient", ["straight-through", "exact"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
 @pytest.mark.parametrize("name", MARGINS)
-def test_margin_loss_finite_gradient_at_plus_minus_one(name: str, dtype: torch.dtype) -> None:
+def test_margin_loss_finite_gradient_at_plus_minus_one(name: str, dtype: torch.dtype, gradient: str) -> None:
     cos = torch.tensor([[1.0, 0.2], [-1.0, 0.3], [0.1, 1.0], [0.5, -1.0]], dtype=dtype)
     cos.requires_grad_()
     labels = torch.tensor([0, 0, 1, 1])
-    out = CombinedMarginLoss(**MARGINS[name])(cos, labels)
+    out = CombinedMarginLoss(**MARGINS[name], gradient=gradient)(cos, labels)
     out.sum().backward()
     assert torch.isfinite(out).all()
     assert torch.isfinite(cos.grad).all()
 
 
 def test_margin_loss_fallback_is_continuous_and_decreasing() -> None:
-    loss = CombinedMarginLoss(s=1.0, m1=1.0, m2=0.5, m3=0.1)
+    loss = CombinedMarginLoss(s=1.0, m1=1.0, m2=0.5, m3=0.1, gradient="exact")
     theta = torch.linspace(0.0, math.pi, 2001, dtype=torch.float64)
     target = loss.target_logit(torch.cos(theta))
     assert (target.diff() < 0).all(), "target logit must decrease with the angle"
@@ -138,19 +165,22 @@ def test_margin_loss_validation() -> None:
         CombinedMarginLoss(m1=0.0)
     with pytest.raises(ValueError):
         CombinedMarginLoss(m2=-0.1)
+    with pytest.raises(ValueError, match="straight-through"):
+        CombinedMarginLoss(gradient="approximate")
 
 
 # --- PartialFC, one process -----------------------------------------------------------
 
 
+@pytest.mark.parametrize("gradient", ["straight-through", "exact"])
 @pytest.mark.parametrize("name", MARGINS)
-def test_partial_fc_matches_brute_force(name: str) -> None:
+def test_partial_fc_matches_brute_force(name: str, gradient: str) -> None:
     cfg = MARGINS[name]
     emb, weight, labels = make_data(n=12, d=8, c=10)
-    pfc = PartialFC(CombinedMarginLoss(**cfg), embedding_size=8, num_classes=10).double()
+    pfc = PartialFC(CombinedMarginLoss(**cfg, gradient=gradient), embedding_size=8, num_classes=10).double()
     pfc.weight.data.copy_(weight)
     loss, g_emb, g_w = run_pfc(pfc, emb, labels)
-    ref_loss, ref_emb, ref_w = brute_force(emb, weight, labels, **cfg)
+    ref_loss, ref_emb, ref_w = brute_force(emb, weight, labels, **cfg, gradient=gradient)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
     torch.testing.assert_close(g_emb, ref_emb, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(g_w, ref_w, rtol=1e-10, atol=1e-12)

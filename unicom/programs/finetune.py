@@ -31,7 +31,7 @@ from ..checkpoint import atomic_save, save_model
 from ..data import load_retrieval_dataset
 from ..embed import autocast_for
 from ..factory import load
-from ..losses import CombinedMarginLoss, PartialFC
+from ..losses import MARGIN_GRADIENTS, CombinedMarginLoss, PartialFC
 from ..transforms import test_transform, train_transform
 from .common import resolve_precision, write_json
 
@@ -97,6 +97,10 @@ def add_train_args(p: argparse.ArgumentParser, title: str = "fine-tuning (withou
     g.add_argument("--margin_loss_m1", type=float, default=1.0)
     g.add_argument("--margin_loss_m2", type=float, default=0.3)
     g.add_argument("--margin_loss_m3", type=float, default=0.0)
+    g.add_argument("--margin-gradient", "--margin_gradient", dest="margin_gradient", default="straight-through",
+                   choices=MARGIN_GRADIENTS,
+                   help="how the margin is differentiated: straight-through (as published: the margin's value, "
+                        "the cosine's gradient) or exact (see unicom.losses.CombinedMarginLoss)")
     g.add_argument("--sample_rate", type=float, default=1.0, help="share of class centres used per step (Partial FC)")
     g.add_argument("--output_dim", type=int, default=None, help="embedding size; must equal the model's")
     g.add_argument("--transform", default="timm", choices=["timm", "origin_clip"],
@@ -370,7 +374,8 @@ def train(args, device: torch.device) -> int:
     if dist.get_world_size() > 1:
         ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
         ddp.register_comm_hook(None, _allreduce_sum_hook)
-    margin = CombinedMarginLoss(args.margin_loss_s, args.margin_loss_m1, args.margin_loss_m2, args.margin_loss_m3)
+    margin = CombinedMarginLoss(args.margin_loss_s, args.margin_loss_m1, args.margin_loss_m2, args.margin_loss_m3,
+                                args.margin_gradient)
     pfc = PartialFC(margin, config.embedding_size, train_data.num_classes, args.sample_rate, args.num_feat)
     pfc = pfc.to(device).train()
     optimizer = build_optimizer(args, model, pfc)

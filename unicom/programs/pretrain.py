@@ -290,7 +290,8 @@ def train(args, device: torch.device) -> int:
     if world > 1:
         ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
         ddp.register_comm_hook(None, _allreduce_sum_hook)
-    margin = CombinedMarginLoss(args.margin_loss_s, args.margin_loss_m1, args.margin_loss_m2, args.margin_loss_m3)
+    margin = CombinedMarginLoss(args.margin_loss_s, args.margin_loss_m1, args.margin_loss_m2, args.margin_loss_m3,
+                                args.margin_gradient)
     pfc = PartialFC(margin, config.embedding_size, labels.num_classes, args.sample_rate, args.num_feat).to(device)
     optimizer = build_optimizer(args, model, pfc)
     scheduler = build_scheduler(args, optimizer, total_steps)
