@@ -109,6 +109,73 @@ def test_corrupt_and_truncated_files_are_clear_errors(tmp_path):
     assert zipfile.is_zipfile(good)
 
 
+def _flip_tensor_bytes(path, out):
+    """A copy of the zip checkpoint ``path`` with 16 bytes inside its first tensor record changed."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if "/data/" in i.filename and i.file_size >= 64)
+    offset = info.header_offset  # the local header: 30 bytes, then its own name and extra field, then the data
+    start = offset + 30 + int.from_bytes(data[offset + 26:offset + 28], "little") + \
+        int.from_bytes(data[offset + 28:offset + 30], "little")
+    data[start + 8:start + 24] = bytes(255 - b for b in data[start + 8:start + 24])
+    out.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_inside_a_tensor_are_caught(tmp_path, x):
+    """torch.load does not check the records' CRC-32: a file given by path is checked first."""
+    good = tmp_path / "good.pt"
+    save_model(small_model(), good)
+    bad = tmp_path / "bad.pt"
+    _flip_tensor_bytes(good, bad)
+    with pytest.raises(CheckpointError, match="CRC-32"):
+        unicom.load(bad, device="cpu")
+    unicom.load(good, device="cpu")
+    state_dict, _ = read_checkpoint(bad, verify=False)  # what the check prevents: other weights, no error
+    assert any(not torch.equal(v, small_model().state_dict()[k]) for k, v in state_dict.items())
+
+
+def test_files_that_are_not_checkpoints_say_so(tmp_path):
+    cases = {
+        "page.pt": (b"<!DOCTYPE html><html>Not Found</html>", "not a PyTorch checkpoint"),
+        "lfs.pt": (b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64, "Git LFS pointer"),
+    }
+    good = tmp_path / "good.pt"
+    torch.save(small_model().state_dict(), good)
+    cases["cut.pt"] = (good.read_bytes()[:4000], "cut short")  # the zip's directory is at the end
+    for name, (data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointError, match=message):
+            unicom.load(tmp_path / name, device="cpu")
+
+
+def test_recorded_configs_that_are_not_a_models_are_clear_errors(tmp_path):
+    state_dict = small_model().state_dict()
+    torch.save({"config": {"lr": 0.1, "epochs": 3}, "state_dict": state_dict}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a VisionTransformer's .*lr"):
+        unicom.load(tmp_path / "foreign.pt", device="cpu")
+    torch.save({"config": {**SMALL, "num_heads": 3}, "state_dict": state_dict}, tmp_path / "impossible.pt")
+    with pytest.raises(CheckpointError, match="not divisible"):
+        unicom.load(tmp_path / "impossible.pt", device="cpu")
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp_path / "m.safetensors",
+              metadata={"unicom_config": "{not json"})
+    with pytest.raises(CheckpointError, match="not a VisionTransformer's"):
+        unicom.load(tmp_path / "m.safetensors", device="cpu")
+
+
+def test_a_width_that_is_not_a_multiple_of_64_warns_about_the_head_count(tmp_path, caplog):
+    torch.save(small_model(dim=96, num_heads=4).state_dict(), tmp_path / "w96.pt")
+    with caplog.at_level("WARNING", logger="unicom.checkpoint"):
+        model, _ = unicom.load(tmp_path / "w96.pt", device="cpu")
+    assert model.config.num_heads == 1 and "not a multiple of 64" in caplog.text
+    caplog.clear()
+    torch.save(small_model().state_dict(), tmp_path / "w128.pt")  # 2 heads of 64: no warning
+    with caplog.at_level("WARNING", logger="unicom.checkpoint"):
+        unicom.load(tmp_path / "w128.pt", device="cpu")
+    assert caplog.text == ""
+
+
 def test_wrong_architecture_and_non_state_dict(tmp_path):
     path = tmp_path / "list.pt"
     torch.save([torch.zeros(2)], path)

@@ -94,6 +94,16 @@ def test_corrupt_cache_is_fetched_again(server: FileServer, root: Path, caplog) 
     assert any("weights.bin" in r.getMessage() and SHA in r.getMessage() for r in caplog.records)
 
 
+def test_a_cache_folder_it_cannot_write_to_is_a_download_error(server: FileServer, root: Path) -> None:
+    """The lock file cannot be made (here: a folder stands in its place; read-only file systems and
+    other users' caches fail the same way): a DownloadError that says what to do, not an OSError."""
+    url = server.add(PATH, DATA)
+    (root / "weights.bin.lock").mkdir(parents=True)
+    with pytest.raises(DownloadError, match="UNICOM_CACHE_DIR"):
+        download(url, SHA, progress=False)
+    assert server.requests == []
+
+
 def test_no_checksum_means_no_verification(server: FileServer, root: Path) -> None:
     url = server.add(PATH, DATA)
     assert Path(download(url, None, progress=False)).read_bytes() == DATA

@@ -9,6 +9,7 @@ a checkpoint written by :func:`save_model` records its config and loads exactly.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import tempfile
@@ -21,6 +22,8 @@ import torch
 from .model import ViTConfig, VisionTransformer
 
 __all__ = ["CheckpointError", "read_checkpoint", "config_from_state_dict", "save_model", "atomic_save"]
+
+logger = logging.getLogger(__name__)
 
 _PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
 _CONTAINER_KEYS = ("state_dict", "model")  # where training checkpoints keep the weights
@@ -43,8 +46,23 @@ def _strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
-def _read_file(path: Path) -> tuple[Any, dict[str, str]]:
-    """The raw object in ``path`` and any safetensors metadata."""
+def _check_records(path: Path) -> None:
+    """Raise if a record of the zip checkpoint ``path`` fails its CRC-32: ``torch.load`` does
+    not check them, so flipped bytes inside a tensor would load silently as other weights."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {e}. "
+                              "Delete it and download or save it again.") from e
+    if bad is not None:
+        raise CheckpointError(f"{path} is corrupt: its record {bad} fails its CRC-32 check. "
+                              "Delete it and download or save it again.")
+
+
+def _read_file(path: Path, verify: bool = True) -> tuple[Any, dict[str, str]]:
+    """The raw object in ``path`` and any safetensors metadata; ``verify`` checks the CRC-32 of
+    every record of a zip checkpoint first (a few seconds per GB)."""
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
 
@@ -53,6 +71,18 @@ def _read_file(path: Path) -> tuple[Any, dict[str, str]]:
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path} is not a valid .safetensors file ({e}); delete it and fetch it again") from e
+    if zipfile.is_zipfile(path):
+        if verify:
+            _check_records(path)
+    else:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head == b"PK\x03\x04":  # a zip archive whose directory (at the end) is missing
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): a zip "
+                                  "archive cut short. Delete it and download or save it again.")
+        if not head.startswith(b"\x80"):  # torch's legacy format is a pickle (protocol 2+)
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle; "
+                                  f"it starts with {head!r}): a web page or a Git LFS pointer saved in its place?")
     try:
         return torch.load(path, map_location="cpu", weights_only=True), {}
     except pickle.UnpicklingError as e:
@@ -70,17 +100,29 @@ def _read_file(path: Path) -> tuple[Any, dict[str, str]]:
         ) from e
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ViTConfig | None]:
-    """The model state dict in ``path`` (prefixes stripped) and its recorded config, if any."""
+def _recorded_config(path: Path, recorded: Any) -> ViTConfig:
+    """A config recorded in a checkpoint (a dict, or its JSON text), or a CheckpointError."""
+    try:
+        values = json.loads(recorded) if isinstance(recorded, str) else recorded
+        return ViTConfig(**values)
+    except (TypeError, ValueError) as e:  # unknown keys, impossible values, bad JSON
+        raise CheckpointError(f"{path} records a config that is not a VisionTransformer's ({e}): "
+                              f"{str(recorded)[:200]}") from None
+
+
+def read_checkpoint(path: str | os.PathLike, verify: bool = True) -> tuple[dict[str, torch.Tensor], ViTConfig | None]:
+    """The model state dict in ``path`` (prefixes stripped) and its recorded config, if any.
+    ``verify`` checks the CRC-32 of a zip checkpoint's records (skip it for files whose SHA256
+    was just checked)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint file at {path}")
-    obj, metadata = _read_file(path)
+    obj, metadata = _read_file(path, verify)
     config = None
     if "unicom_config" in metadata:
-        config = ViTConfig(**json.loads(metadata["unicom_config"]))
+        config = _recorded_config(path, metadata["unicom_config"])
     if isinstance(obj, dict) and isinstance(obj.get("config"), dict):
-        config = ViTConfig(**obj["config"])
+        config = _recorded_config(path, obj["config"])
     if isinstance(obj, dict):
         for key in _CONTAINER_KEYS:
             if isinstance(obj.get(key), dict):
@@ -107,6 +149,11 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> ViTConfig:
     if grid * grid != num_patches:
         raise CheckpointError(f"pos_embed has {num_patches} tokens, not a square grid")
     depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
+    if dim % 64:
+        logger.warning("width %d is not a multiple of 64: assuming %d attention head(s) (UNICOM's 64 dimensions "
+                       "per head); the weights do not say, and another head count gives other embeddings. Save "
+                       "such models with unicom.checkpoint.save_model, which records the config", dim,
+                       max(dim // 64, 1))
     return ViTConfig(
         input_size=grid * patch_size,
         patch_size=patch_size,

@@ -85,7 +85,7 @@ def load(
     dtype = _resolve_precision(precision)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     path, config = _weights_file(name_or_path, download_root)
-    state_dict, recorded = read_checkpoint(path)
+    state_dict, recorded = read_checkpoint(path, verify=config is None)  # a registry file's SHA256 was checked
     config = config or recorded or config_from_state_dict(state_dict)
     model = VisionTransformer.from_config(config)
     # Weights are loaded strictly on the CPU in float32 first, whatever dtype the file has.

@@ -164,7 +164,11 @@ def _file_lock(lock_path: Path) -> Iterator[None]:
     if fcntl is None:  # pragma: no cover
         yield
         return
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # 0o666 less the umask: a cache shared by several users stays usable by all
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise DownloadError(f"cannot write to the cache folder {lock_path.parent} ({e}): set UNICOM_CACHE_DIR "
+                            "or pass root= (download_root=) to a writable folder") from e
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
