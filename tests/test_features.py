@@ -188,6 +188,66 @@ def test_damaged_tar_keeps_samples_before_the_damage(tmp_path: Path) -> None:
     assert manifest["shards"][0]["read_error"]
 
 
+def _tar_offsets(path: Path) -> list[int]:
+    with tarfile.open(path) as tar:
+        return [m.offset for m in tar.getmembers()]
+
+
+@pytest.mark.parametrize("damage", ["bad checksum", "cut inside a header", "cut between members"])
+def test_damaged_member_headers_are_reported_not_taken_for_the_end(tmp_path: Path, damage: str) -> None:
+    """tarfile ends a stream at a damaged header after the first member as if the archive ended
+    there: the samples after it would vanish unreported."""
+    members = [(f"k{i}.png", image_bytes(i)) for i in range(6)]
+    path = write_tar(tmp_path / "in" / "bad.tar", members)
+    data, third = bytearray(path.read_bytes()), _tar_offsets(path)[3]
+    if damage == "bad checksum":
+        data[third + 1] ^= 0xFF  # a byte of k3's name: its header checksum fails
+    else:
+        data = data[:third + 100] if damage == "cut inside a header" else data[:third]
+    path.write_bytes(bytes(data))
+    manifest = extract_features(PixelSource(size=4), path, tmp_path / "out")
+    assert manifest["damaged_shards"] == ["bad"] and "damaged tar" in manifest["shards"][0]["read_error"]
+    assert manifest["num_samples"] == 2  # k0, k1; k2 was being read when the damage came: dropped
+    with pytest.raises(tarfile.ReadError):
+        list(iter_tar_samples(path))
+    intact = write_tar(tmp_path / "in2" / "fine.tar", members)  # the end-of-archive blocks: no damage
+    assert [s.key for s in iter_tar_samples(intact)] == [f"k{i}" for i in range(6)]
+
+
+def test_repeated_and_non_utf8_keys_are_skipped_and_counted(tmp_path: Path) -> None:
+    """Pseudo labels are looked up by key: a key that repeats an earlier sample's in the shard
+    (or cannot be written to the keys file) would take another sample's label."""
+    members = [("a.png", image_bytes(0)), ("b.png", image_bytes(1)), ("a.png", image_bytes(2))]
+    path = write_tar(tmp_path / "in" / "s0.tar", members)
+    with tarfile.open(path, "a") as tar:  # a member name that is not UTF-8 (tarfile keeps the raw bytes)
+        info = tarfile.TarInfo("caf\udce9.png")
+        data = image_bytes(3)
+        info.size = len(data)
+        tar.encoding, tar.errors = "utf-8", "surrogateescape"
+        tar.addfile(info, io.BytesIO(data))
+    manifest = extract_features(PixelSource(size=4), path, tmp_path / "out")
+    assert manifest["num_samples"] == 2 and manifest["num_bad"] == 2
+    features, keys = load_features(tmp_path / "out")
+    assert keys == ["a", "b"]
+    np.testing.assert_allclose(features[0].float().numpy(), pixel_reference(image_bytes(0), 4), atol=2e-3)
+    meta = json.loads((tmp_path / "out" / "meta_s0.json").read_text())
+    assert [reason for _, reason in meta["bad"]] == ["key repeats an earlier sample's in the shard",
+                                                     "key is not valid UTF-8"]
+
+
+def test_resuming_with_another_input_of_the_same_name_is_refused(tmp_path: Path) -> None:
+    first = write_tar(tmp_path / "A" / "s0.tar", sample_members(0, 3, bad=False))
+    second = write_tar(tmp_path / "B" / "s0.tar", sample_members(1, 3, bad=False))
+    extract_features(PixelSource(size=4), first, tmp_path / "out")
+    extract_features(PixelSource(size=4), first, tmp_path / "out")  # the same input: kept
+    with pytest.raises(ValueError, match="holds the features of another input"):
+        extract_features(PixelSource(size=4), second, tmp_path / "out")
+    moved = tmp_path / "C" / "s0.tar"  # the same file elsewhere: still the same input
+    moved.parent.mkdir()
+    moved.write_bytes(first.read_bytes())
+    assert extract_features(PixelSource(size=4), moved, tmp_path / "out")["num_samples"] == 3
+
+
 def test_fuse_reference() -> None:
     g = torch.Generator().manual_seed(0)
     image = torch.nn.functional.normalize(torch.randn(5, 8, generator=g, dtype=torch.float64), dim=1)

@@ -10,9 +10,11 @@ clustering (an image that could not be decoded when the features were made) is s
 
 Lookups are per shard when the training shard has the same name as a features shard (tar
 shards always do; a folder's virtual shards do when cut with the same ``folder_shard_size``
-as the feature run): only that shard's keys and labels are read, memory-mapped, so 400M
-labels never sit in memory at once. Otherwise one dictionary of all keys is built, once
-per data loading process.
+as the feature run, which the shards' recorded identities check): only that shard's keys and
+labels are read, memory-mapped, so 400M labels never sit in memory at once. Otherwise one
+dictionary of all keys is built, once per data loading process. A sample whose key repeats an
+earlier one's in its shard is skipped (the feature run skipped it too), and a damaged tar is
+read up to the damage, as the feature run read it.
 
 :class:`PseudoLabelStream` is an :class:`~torch.utils.data.IterableDataset` over *units*
 (tar shards, a folder's virtual shards, or index ranges of an in-memory dataset). Each
@@ -31,6 +33,7 @@ import json
 import logging
 import math
 import os
+import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,7 +45,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .. import distributed as dist
 from ..transforms import to_rgb
 from .features import read_manifest
-from .webdataset import Shard, iter_shard_samples, list_shards
+from .webdataset import Shard, iter_shard_samples, list_shards, shard_identity
 
 __all__ = ["InMemoryReader", "PseudoLabelStream", "PseudoLabels", "ShardReader"]
 
@@ -83,11 +86,13 @@ class PseudoLabels:
         if manifest["num_samples"] != self.num_samples:
             raise ValueError(f"{path} holds {self.num_samples} labels but {self.features_dir} holds "
                              f"{manifest['num_samples']} features: not the clustering of these features")
-        # shard name -> (first row, number of rows), in load_features order
+        # shard name -> (first row, number of rows), in load_features order; and what each was read from
         self.shards: dict[str, tuple[int, int]] = {}
+        self.identities: dict[str, dict | None] = {}
         offset = 0
         for entry in manifest["shards"]:
             self.shards[entry["shard"]] = (offset, entry["num_samples"])
+            self.identities[entry["shard"]] = entry.get("input_id")  # None: written before identities
             offset += entry["num_samples"]
         k = stats.get("k")
         self.num_classes = int(k) if k is not None else int(np.max(self.labels)) + 1 if self.num_samples else 0
@@ -105,7 +110,12 @@ class PseudoLabels:
         keys = self._keys(shard)
         if len(keys) != count:
             raise RuntimeError(f"keys_{shard}.txt holds {len(keys)} keys, the manifest says {count}")
-        return dict(zip(keys, np.asarray(self.labels[start : start + count]).tolist()))
+        table = dict(zip(keys, np.asarray(self.labels[start : start + count]).tolist()))
+        if len(table) != count:
+            repeated = next(k for k in keys if keys.count(k) > 1)
+            raise ValueError(f"keys_{shard}.txt names {repeated!r} more than once: labels are looked up by key "
+                             "(extract the features again: samples with a repeated key are now skipped)")
+        return table
 
     def all_labels(self) -> dict[str, int]:
         """Every key's label (built once, then cached): for inputs not cut into the features' shards."""
@@ -121,13 +131,34 @@ class PseudoLabels:
             self._all = table
         return self._all
 
-    def labels_for(self, unit_name: str) -> dict[str, int]:
-        """The key -> label table to read the unit ``unit_name`` with: its own shard's, else all."""
+    def labels_for(self, unit_name: str, identity: dict | None = None) -> dict[str, int]:
+        """The key -> label table to read the unit ``unit_name`` with: its own shard's, else all.
+
+        ``identity`` (:func:`~unicom.pretrain.webdataset.shard_identity` of the unit, when known):
+        a folder's virtual shard cut otherwise than in the feature run (another
+        ``folder_shard_size``) shares a name with a features shard but not its images, so it
+        reads with all keys; a tar with another identity than the one whose features were made
+        is read with its own shard's keys after a warning (a re-packed copy of the same samples
+        has another identity too)."""
         own = self.shard_labels(unit_name)
-        return own if own is not None else self.all_labels()
+        recorded = self.identities.get(unit_name)
+        if own is None or identity is None or recorded is None or recorded == identity:
+            return own if own is not None else self.all_labels()
+        if "keys_sha1" in identity:
+            return self.all_labels()
+        logger.warning("%s is not the input whose features were clustered as shard %s (%s, recorded %s): its "
+                       "labels are looked up by key in that shard", unit_name, unit_name, identity, recorded)
+        return own
 
 
 # ----------------------------------------------------------------------------- readers
+
+
+class _Unusable:
+    """The payload of a sample a reader must skip, and why."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
 
 
 class ShardReader:
@@ -152,11 +183,30 @@ class ShardReader:
     def name(self, unit: int) -> str:
         return self.shards[unit].name
 
+    def identity(self, unit: int) -> dict | None:
+        """What the unit was read from (:func:`shard_identity`), to match it with the features shard."""
+        try:
+            return shard_identity(self.shards[unit])
+        except OSError:
+            return None  # reading the unit will say what is wrong
+
     def read(self, unit: int) -> Iterator[tuple[str, Any]]:
-        for sample in iter_shard_samples(self.shards[unit]):
-            yield sample.key, sample.image  # image None: no image member, reported by decode
+        """(key, payload) per sample; a damaged tar ends its unit after the samples read before the
+        damage (as the feature run kept them), with a warning."""
+        shard = self.shards[unit]
+        try:
+            for sample in iter_shard_samples(shard):
+                # image None: no image member; a problem (a repeated key, say): decode reports either
+                yield sample.key, sample.image if sample.problem is None else _Unusable(sample.problem)
+        except (FileNotFoundError, PermissionError, IsADirectoryError):
+            raise  # a missing file is not damaged data
+        except (OSError, EOFError, tarfile.TarError) as e:
+            logger.warning("%s is damaged: read the samples before the damage (%s: %s)", shard.describe(),
+                           type(e).__name__, e)
 
     def decode(self, payload: Any) -> Any:
+        if isinstance(payload, _Unusable):
+            raise ValueError(payload.reason)
         if payload is None:
             raise ValueError("the sample has no image")
         image = Image.open(io.BytesIO(payload))
@@ -232,7 +282,8 @@ class PseudoLabelStream(IterableDataset):
 
     def _samples(self, units: list[int], counts: dict[str, int]) -> Iterator[tuple[str, Any, int]]:
         for unit in units:
-            table = self.labels.labels_for(self.reader.name(unit))
+            identity = self.reader.identity(unit) if hasattr(self.reader, "identity") else None
+            table = self.labels.labels_for(self.reader.name(unit), identity)
             for key, payload in self.reader.read(unit):
                 label = table.get(key)
                 if label is None:

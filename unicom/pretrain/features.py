@@ -48,7 +48,7 @@ from tqdm import tqdm
 from .. import distributed as dist
 from ..embed import autocast_for
 from ..transforms import to_rgb
-from .webdataset import Shard, iter_shard_samples, list_shards
+from .webdataset import Shard, iter_shard_samples, list_shards, shard_identity
 
 __all__ = [
     "FUSIONS",
@@ -295,6 +295,9 @@ class _ShardBatches(IterableDataset):
             error = None
             try:
                 for sample in iter_shard_samples(self.shards[index]):
+                    if sample.problem is not None:
+                        bad.append((sample.key, sample.problem))
+                        continue
                     if sample.image is None:
                         bad.append((sample.key, "no image in the sample"))
                         continue
@@ -436,6 +439,11 @@ def extract_features(
         elif meta["config"] != config:
             raise ValueError(f"shard {shard.name} in {output_dir} was written with another configuration "
                              f"({_config_mismatch(meta['config'], config)}); use a new output folder")
+        elif meta.get("input_id", shard_identity(shard)) != shard_identity(shard):
+            raise ValueError(f"shard {shard.name} in {output_dir} holds the features of another input "
+                             f"({meta['input']}: {meta['input_id']}; this run's {shard.source}: "
+                             f"{shard_identity(shard)}); use a new output folder, or delete "
+                             f"{_paths(output_dir, shard.name)['features'].name} to extract it again")
     logger.info("%d shards, %d for this process, %d already done", len(shards), len(mine), len(mine) - len(todo))
     _run(source, todo, output_dir, config, fusion, batch_size, precision, num_workers, rank)
 
@@ -493,7 +501,8 @@ def _run(source: FeatureSource, todo: list[Shard], output_dir: Path, config: dic
             features = torch.cat(done.features).numpy() if done.features else np.zeros((0, source.dim), np.float16)
             seconds = time.perf_counter() - done.start
             meta = {
-                "shard": shard.name, "input": shard.source, "num_samples": len(done.keys),
+                "shard": shard.name, "input": shard.source, "input_id": shard_identity(shard),
+                "num_samples": len(done.keys),
                 "num_bad": len(done.bad), "bad": done.bad, "num_without_caption": done.without_caption,
                 "read_error": batch.error, "rank": rank, "precision": precision, "seconds": seconds, "config": config,
             }
@@ -517,8 +526,8 @@ def _manifest(output_dir: Path, shards: list[Shard], config: dict) -> dict:
         meta = _read_meta(output_dir, shard.name)
         if meta is None:
             raise RuntimeError(f"shard {shard.name} was not written to {output_dir}; rerun to finish it")
-        entries.append({k: meta[k] for k in ("shard", "input", "num_samples", "num_bad", "num_without_caption",
-                                             "read_error")})
+        entries.append({k: meta.get(k) for k in ("shard", "input", "input_id", "num_samples", "num_bad",
+                                                 "num_without_caption", "read_error")})
     return {
         "config": config,
         "num_samples": sum(e["num_samples"] for e in entries),

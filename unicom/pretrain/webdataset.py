@@ -15,6 +15,7 @@ shard by shard exactly like tar input.
 from __future__ import annotations
 
 import glob
+import hashlib
 import itertools
 import logging
 import os
@@ -33,6 +34,7 @@ __all__ = [
     "iter_shard_samples",
     "iter_tar_samples",
     "list_shards",
+    "shard_identity",
 ]
 
 logger = logging.getLogger(__name__)
@@ -47,11 +49,14 @@ _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 
 @dataclass
 class RawSample:
-    """One sample before decoding: the key, the encoded image (if any) and the caption (if any)."""
+    """One sample before decoding: the key, the encoded image (if any) and the caption (if any).
+    ``problem`` says why the sample cannot be used whatever its image (its key repeats an
+    earlier sample's in the shard, or is not UTF-8): readers skip it and count it."""
 
     key: str
     image: bytes | None = None
     caption: str | None = None
+    problem: str | None = None
 
 
 @dataclass
@@ -130,16 +135,57 @@ def _finish(key: str, members: dict[str, bytes]) -> RawSample:
     return RawSample(key, image, text or None)
 
 
+class _CheckedTarInfo(tarfile.TarInfo):
+    """Notes why a tar's stream of members ended. After the first member, :mod:`tarfile` takes
+    a damaged header (bad checksum), a cut one, or the file's end without the end-of-archive
+    blocks for the end of the archive: the members after it would vanish without a word."""
+
+    @classmethod
+    def fromtarfile(cls, tar):  # noqa: D102
+        try:
+            return super().fromtarfile(tar)
+        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError, tarfile.EmptyHeaderError) as e:
+            if tar.offset:
+                reason = "the file ends without the end-of-archive blocks (cut short?)" \
+                    if isinstance(e, tarfile.EmptyHeaderError) else str(e)
+                tar.unicom_damage = f"damaged tar at byte {tar.offset}: {reason}"
+            raise
+
+
+def _utf8(key: str) -> bool:
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:  # tarfile keeps undecodable name bytes as surrogates
+        return False
+    return True
+
+
+def _checked(samples: Iterator[RawSample]) -> Iterator[RawSample]:
+    """Samples whose key repeats an earlier one's in the shard, or is not UTF-8, get a
+    ``problem``: pseudo labels are looked up by key, so each key must name one sample."""
+    seen: set[str] = set()
+    for sample in samples:
+        if not _utf8(sample.key):
+            sample.problem = "key is not valid UTF-8"
+        elif sample.key in seen:
+            sample.problem = "key repeats an earlier sample's in the shard"
+        seen.add(sample.key)
+        yield sample
+
+
 def iter_tar_samples(path: str | os.PathLike) -> Iterator[RawSample]:
     """Stream the samples of one webdataset tar shard, in the order they are stored.
 
     Members are grouped by key while consecutive (the webdataset rule); members whose
     extension is neither an image nor ``txt`` (``json``, ``cls``, ...) are ignored. A sample
     with no image member is still yielded (``image=None``) so the caller can count it.
+    A damaged tar raises :class:`tarfile.ReadError` (or ``EOFError``) where the damage is
+    found, after the samples read before it; the sample whose members were being read then
+    is dropped (it may lack some).
     """
     key: str | None = None
     members: dict[str, bytes] = {}
-    with tarfile.open(os.fspath(path), mode="r|*") as tar:
+    with tarfile.open(os.fspath(path), mode="r|*", tarinfo=_CheckedTarInfo) as tar:
         for info in tar:
             if not info.isfile():
                 continue
@@ -153,6 +199,9 @@ def iter_tar_samples(path: str | os.PathLike) -> Iterator[RawSample]:
             if ext in IMAGE_EXTENSIONS or ext == CAPTION_EXTENSION:
                 handle = tar.extractfile(info)
                 members[ext] = handle.read() if handle is not None else b""
+        damage = getattr(tar, "unicom_damage", None)
+    if damage is not None:
+        raise tarfile.ReadError(damage)
     if key is not None:
         yield _finish(key, members)
 
@@ -171,8 +220,23 @@ def _iter_folder_samples(shard: Shard) -> Iterator[RawSample]:
 
 
 def iter_shard_samples(shard: Shard) -> Iterator[RawSample]:
-    """The samples of a shard, tar or virtual, in a fixed order."""
-    return iter_tar_samples(shard.source) if shard.files is None else _iter_folder_samples(shard)
+    """The samples of a shard, tar or virtual, in a fixed order; a sample whose key repeats an
+    earlier one's in the shard, or is not UTF-8, has a ``problem`` (see :class:`RawSample`)."""
+    return _checked(iter_tar_samples(shard.source) if shard.files is None else _iter_folder_samples(shard))
+
+
+_HEAD_BYTES = 1 << 16
+
+
+def shard_identity(shard: Shard) -> dict:
+    """What tells one input shard from another of the same name, cheaply: a tar's size and the
+    SHA-1 of its first 64 KiB; a virtual shard's number of images and the SHA-1 of their keys."""
+    if shard.files is not None:
+        keys = "\n".join(key for key, _, _ in shard.files).encode("utf-8", "surrogateescape")
+        return {"images": len(shard.files), "keys_sha1": hashlib.sha1(keys).hexdigest()}
+    with open(shard.source, "rb") as f:
+        head = f.read(_HEAD_BYTES)
+    return {"bytes": os.path.getsize(shard.source), "head_sha1": hashlib.sha1(head).hexdigest()}
 
 
 def _shard_name(path: str) -> str:

@@ -191,8 +191,9 @@ def _split_optimizer_state(state: dict, pfc_ids: set[int], keep_backbone: bool) 
 
 
 def save_checkpoint(folder: Path, model, pfc, optimizer, scheduler, scaler, epoch: int, step: int, best: float,
-                    args) -> None:
-    """Every rank writes its file; rank 0 then points ``latest`` at the folder (atomic)."""
+                    args, extra: dict | None = None) -> None:
+    """Every rank writes its file; rank 0 then points ``latest`` at the folder (atomic). ``extra``:
+    plain values a program needs to resume exactly (:func:`checkpoint_extra` reads them back)."""
     rank = dist.get_rank()
     pfc_ids = set(range(len(optimizer.param_groups[0]["params"]),
                         len(optimizer.param_groups[0]["params"]) + len(optimizer.param_groups[1]["params"])))
@@ -207,6 +208,7 @@ def save_checkpoint(folder: Path, model, pfc, optimizer, scheduler, scaler, epoc
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": rng_state(),
         "args": settings(args),
+        "extra": extra or {},
     }
     if rank == 0:
         payload["model"] = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
@@ -237,6 +239,12 @@ def find_resume(resume: str, output: Path) -> Path | None:
         logger.info("--resume auto: no checkpoint in %s, starting from scratch", output / CHECKPOINTS)
         return None
     return output / CHECKPOINTS / pointer.read_text().strip()
+
+
+def checkpoint_extra(folder: Path) -> dict:
+    """The ``extra`` values this process saved with the checkpoint in ``folder``."""
+    state = torch.load(folder / f"rank_{dist.get_rank()}.pt", map_location="cpu", weights_only=True)
+    return state.get("extra", {})
 
 
 def load_checkpoint(folder: Path, model, pfc, optimizer, scheduler, scaler) -> tuple[int, int, float]:

@@ -62,6 +62,7 @@ from .finetune import (
     backward,
     build_optimizer,
     find_resume,
+    checkpoint_extra,
     load_checkpoint,
     optimizer_step,
     save_checkpoint,
@@ -298,10 +299,12 @@ def train(args, device: torch.device) -> int:
     scaler = torch.amp.GradScaler(device.type, growth_interval=200) if precision == "fp16" else None
 
     start_epoch, step, best = 0, 0, -1.0
+    resumed_loss = [0.0, 0.0]  # (sum, count) of the epoch's losses before a mid-epoch checkpoint
     if args.resume:
         folder = find_resume(args.resume, output)
         if folder is not None:
             start_epoch, step, best = load_checkpoint(folder, model, pfc, optimizer, scheduler, scaler)
+            resumed_loss = checkpoint_extra(folder).get("epoch_loss", resumed_loss)
     history = _load_history(output, start_epoch)
 
     log = StepLogger(args.log_every, total_steps, args.batch_size * args.gradient_acc * world)
@@ -314,6 +317,8 @@ def train(args, device: torch.device) -> int:
             logger.info("epoch %d: skipping the %d optimiser steps already done", epoch + 1, done_in_epoch)
         loss_sum = torch.zeros((), device=device)
         epoch_loss = torch.zeros(2, dtype=torch.float64, device=device)  # (sum, count) over the epoch
+        if done_in_epoch:
+            epoch_loss += torch.tensor(resumed_loss, dtype=torch.float64, device=device)
         count = 0
         finite = torch.ones((), dtype=torch.bool, device=device)
         micro = done_in_epoch * args.gradient_acc
@@ -344,7 +349,7 @@ def train(args, device: torch.device) -> int:
             if args.save_every and step % args.save_every == 0 and step < (epoch + 1) * steps_per_epoch:
                 _check_finite(finite, loss_sum, epoch, step)
                 save_checkpoint(output / CHECKPOINTS / f"epoch_{epoch:04d}_step_{step:09d}", ddp, pfc, optimizer,
-                                scheduler, scaler, epoch, step, best, args)
+                                scheduler, scaler, epoch, step, best, args, extra={"epoch_loss": epoch_loss.tolist()})
         _check_finite(finite, loss_sum, epoch, step)
 
         # PartialFC's loss is already the mean over all processes' samples: average the means
