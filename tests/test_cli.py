@@ -40,3 +40,34 @@ def test_traceback_on_request(tmp_path):
     result = run("retrieval.py", "--eval", "--dataset", "cubb", "--model_name", "x.pt", "--device", "cpu",
                  UNICOM_TRACEBACK="1", UNICOM_CACHE_DIR=str(tmp_path))
     assert result.returncode == 1 and "Traceback" in result.stderr
+
+
+@pytest.mark.parametrize("flag,value", [("--nb_knn", "0"), ("--temperature", "nan"), ("--temperature", "-1"),
+                                        ("--n-tries", "0"), ("--train-chunk-rows", "-1")])
+def test_knn_bad_values_are_usage_errors(tmp_path, flag, value):
+    result = run("knn.py", "--train-dataset", str(tmp_path), "--val-dataset", str(tmp_path), flag, value)
+    assert result.returncode == 2 and f"argument {flag}" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_retrieval_num_feat_is_checked(tmp_path, checkpoint):
+    result = run("retrieval.py", "--eval", "--dataset", "digits", "--model_name", checkpoint, "--num_feat", "0")
+    assert result.returncode == 2 and "argument --num_feat" in result.stderr
+    result = run("retrieval.py", "--eval", "--dataset", "digits", "--model_name", checkpoint, "--num_feat", "999",
+                 "--device", "cpu", "--output", str(tmp_path))
+    assert result.returncode == 2 and result.stderr.startswith("error: --num_feat 999 is larger than")
+
+
+def test_a_bad_image_in_a_worker_process_is_one_line(tmp_path, checkpoint):
+    """PyTorch re-raises a worker's error with the worker's whole traceback as its message."""
+    import synthetic_datasets as synth
+
+    written = synth.make_cub(tmp_path / "data", num_classes=4, per_class=3)
+    bad = synth.make_bad_images(tmp_path / "bad")["truncated"]
+    target = sorted((written.root / "CUB_200_2011" / "images").glob("*/*.jpg"))[-1]  # a test class
+    target.write_bytes(Path(bad).read_bytes())
+    result = run("retrieval.py", "--eval", "--dataset", "cub", "--data-root", str(written.root), "--model_name",
+                 checkpoint, "--device", "cpu", "--num_workers", "2", "--output", str(tmp_path / "out"))
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot decode image {target}"), result.stderr
+    assert "Traceback" not in result.stderr

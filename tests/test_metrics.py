@@ -120,7 +120,8 @@ def ref_knn(train, train_labels, test, test_labels, ks, temperature, num_classes
             scores = [0.0] * num_classes
             for j in ref_ranking(sims[i])[:k]:
                 scores[train_labels[j]] += math.exp(sims[i, j] / temperature)
-            preds = sorted(range(num_classes), key=lambda c: (-scores[c], c))[: min(5, num_classes)]
+            ranked = sorted(range(num_classes), key=lambda c: (-scores[c], c))[: min(5, num_classes)]
+            preds = [c for c in ranked if scores[c] > 0]  # a class without a vote is not a prediction
             top1 += preds[0] == test_labels[i]
             top5 += test_labels[i] in preds
         out[k] = {"top1": top1 / len(test), "top5": top5 / len(test)}
@@ -393,9 +394,24 @@ def test_knn_accuracy_vote_ties_go_to_lower_class():
 
 def test_knn_accuracy_fewer_than_five_classes():
     x, y = random_data(80, 3, seed=14)
-    got = knn_accuracy(x[:50], y[:50], x[50:], y[50:], ks=(5,))
-    assert got[5]["top5"] == 1.0  # top-min(5, C) = top-3 of 3 classes
-    assert got[5] == pytest.approx(ref_knn(x[:50], y[:50], x[50:], y[50:], (5,), 0.07, 3)[5])
+    got = knn_accuracy(x[:50], y[:50], x[50:], y[50:], ks=(5, 50))
+    assert got[50]["top5"] == 1.0  # top-min(5, C) = top-3 of 3 classes, all voted for with 50 neighbours
+    want = ref_knn(x[:50], y[:50], x[50:], y[50:], (5, 50), 0.07, 3)
+    assert all(got[k] == pytest.approx(want[k]) for k in (5, 50))
+
+
+def test_knn_top5_never_counts_a_class_without_votes():
+    """With k = 1 one class gets a vote: top-5 is top-1 (sorting all 10 scores would have put
+    four zero-score classes, 0 to 3 here, in the top 5 and counted them)."""
+    g = torch.Generator().manual_seed(3)
+    train = torch.nn.functional.normalize(torch.randn(40, 8, generator=g), dim=1)
+    train_labels = torch.arange(40) % 10
+    test = train[:20] + 0.01 * torch.randn(20, 8, generator=g)
+    test_labels = (train_labels[:20] + 1) % 10  # never the nearest neighbour's class
+    got = knn_accuracy(train, train_labels, test, test_labels, ks=(1, 2), num_classes=10)
+    assert got[1] == {"top1": 0.0, "top5": 0.0}
+    want = ref_knn(train, train_labels, test, test_labels, (1, 2), 0.07, 10)
+    assert all(got[k] == pytest.approx(want[k]) for k in (1, 2))
 
 
 def test_knn_vote_accuracy_on_merged_shards_equals_knn_accuracy():

@@ -235,7 +235,10 @@ def retrieval_metrics(
     # Same-label flags of each query's ranking, (Q, k) bools: small next to the search's
     # chunk x N block. The metrics then take a few large ops rather than a few per chunk (on
     # a busy CPU every parallel op can cost a scheduler slice), and as per-query values
-    # reduced once at the end they do not depend on chunk_size, to the last bit.
+    # reduced once at the end they do not depend on chunk_size, to the last bit. (The rankings
+    # themselves come from matrix products whose rounding may depend on the chunk's shape: two
+    # similarities equal in exact arithmetic, say of duplicate gallery images, can differ in
+    # their last bit and be ranked either way.)
     hits = torch.zeros(num_query, k_fetch, dtype=torch.bool, device=device)
     if k_fetch > 0:
         for rows, _, idx in _search(query_n, gallery_n, k_fetch, chunk_size, exclude_self):
@@ -349,8 +352,8 @@ def knn_classify(sims: Tensor, neighbour_labels: Tensor, num_classes: int, tempe
     """
     if sims.shape != neighbour_labels.shape or sims.ndim != 2 or sims.shape[1] == 0:
         raise ValueError("sims and neighbour_labels must have equal (Q, k) shapes with k >= 1")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     dtype = torch.float64 if sims.dtype == torch.float64 else torch.float32
     sims = sims.to(dtype)
     weights = torch.exp((sims - sims.max(dim=1, keepdim=True).values) / temperature)  # (Q, k) in (0, 1]
@@ -372,8 +375,11 @@ def knn_accuracy(
 
     One search for max(ks) neighbours of every test embedding among the training ones, then
     a vote of the first k neighbours for each k. A k beyond the training set size is clamped
-    to it (all training items vote). Top-5 means top-min(5, C). Predictions rank classes by
-    score descending, ties broken by lower class index.
+    to it (all training items vote). Top-5 means the first min(5, C) classes by score, among
+    those that got a vote: a class no neighbour voted for is never a prediction (DINO sorts
+    all C scores, so with fewer than 5 voted classes its top-5 also counts zero-score classes
+    in whatever order the sort leaves them). Predictions rank classes by score descending,
+    ties broken by lower class index.
 
     Args:
         train_features: (N, D); train_labels: (N,) class indices.
@@ -448,7 +454,9 @@ def knn_vote_accuracy(
             k = min(k, k_max)
             scores = knn_classify(sims[rows, :k], neighbour_labels[rows, :k], num_classes, temperature)
             top = scores.argsort(dim=1, descending=True, stable=True)[:, :num_top]  # (c, top)
-            hit = top == target
+            # A class no neighbour voted for is not a prediction: with fewer than 5 voted classes
+            # (k < 5, or neighbours of few classes) top-5 looks at the voted ones only.
+            hit = (top == target) & (scores.gather(1, top) > 0)
             correct[i, 0] += hit[:, 0].sum()
             correct[i, 1] += hit.any(dim=1).sum()
     fractions = (correct.double() / num_test).tolist()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -56,6 +57,28 @@ def _decode_option(value: str) -> str:
     return value
 
 
+def positive_int(value: str) -> int:
+    """An argparse type: a whole number >= 1 (a bad value ends with usage and exit status 2)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {number}")
+    return number
+
+
+def positive_float(value: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {value}")
+    return number
+
+
 def add_runtime_args(parser, compile: bool = True) -> None:
     """Flags every program shares: device, precision, data loading (and ``--compile`` for
     the programs that embed with a frozen model)."""
@@ -94,5 +117,15 @@ def run_cli(main) -> int:
     except user_errors as error:
         if os.environ.get("UNICOM_TRACEBACK"):
             raise
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        print(f"error: {_own_message(error)}", file=sys.stderr, flush=True)
         return 2
+
+
+def _own_message(error: BaseException) -> str:
+    """The error's message; for one raised in a DataLoader worker (which PyTorch re-raises with
+    the worker's whole traceback as its message), the original message alone."""
+    message = str(error)
+    if "Original Traceback (most recent call last)" in message:
+        last = message.rstrip().splitlines()[-1]  # "package.module.ErrorType: the original message"
+        message = last.split(": ", 1)[1] if ": " in last else last
+    return message

@@ -24,7 +24,8 @@ from ..data.fast import embedding_loader
 from ..embed import Embeddings, embed_loader, gather_embeddings
 from ..factory import load
 from ..metrics import knn_topk, knn_vote_accuracy, merge_topk
-from .common import add_runtime_args, resolve_precision, runtime_record, setup_logging, write_json
+from .common import (add_runtime_args, positive_float, positive_int, resolve_precision, runtime_record,
+                     setup_logging, write_json)
 
 logger = logging.getLogger("unicom.knn")
 
@@ -36,9 +37,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="ImageFolder tree of the training images (<root>/<class>/<image>)")
     p.add_argument("--val-dataset", "--val_dataset", dest="val_dataset", required=True,
                    help="ImageFolder tree of the validation images; classes matched to training by folder name")
-    p.add_argument("--nb_knn", "--nb-knn", dest="nb_knn", nargs="+", type=int, default=[10, 20, 100, 200],
+    p.add_argument("--nb_knn", "--nb-knn", dest="nb_knn", nargs="+", type=positive_int, default=[10, 20, 100, 200],
                    help="numbers of neighbours to evaluate")
-    p.add_argument("--temperature", type=float, default=0.07, help="voting temperature T: weight exp(sim / T)")
+    p.add_argument("--temperature", type=positive_float, default=0.07, help="voting temperature T: weight exp(sim / T)")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=256)
     p.add_argument("--model-name", "--model_name", dest="model_name", default="ViT-B/32",
                    help="a registered model name or a checkpoint path")
@@ -48,11 +49,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="keep the training features in host memory and stream them to the device in chunks")
     p.add_argument("--n-per-class-list", "--n_per_class_list", dest="n_per_class_list", nargs="+", type=int,
                    default=[-1], help="few-shot: training images per class (-1 = all)")
-    p.add_argument("--n-tries", "--n_tries", dest="n_tries", type=int, default=1,
+    p.add_argument("--n-tries", "--n_tries", dest="n_tries", type=positive_int, default=1,
                    help="few-shot: random subsets per n, results averaged")
     p.add_argument("--chunk-size", "--chunk_size", dest="chunk_size", type=int, default=1024,
                    help="validation images searched at once")
-    p.add_argument("--train-chunk-rows", dest="train_chunk_rows", type=int, default=262144,
+    p.add_argument("--train-chunk-rows", dest="train_chunk_rows", type=positive_int, default=262144,
                    help="with --gather-on-cpu: training rows moved to the device at once")
     p.add_argument("--seed", type=int, default=0)
     add_runtime_args(p)
@@ -160,8 +161,6 @@ def _percent(table: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    if min(args.nb_knn) < 1:
-        raise SystemExit(f"--nb_knn values must be >= 1, got {args.nb_knn}")
     device = dist.setup(args.device)
     setup_logging()
     try:

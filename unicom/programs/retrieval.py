@@ -21,7 +21,7 @@ from ..data.registry import available_datasets
 from ..embed import Embeddings, embed_loader, gather_embeddings
 from ..factory import load
 from ..metrics import retrieval_metrics
-from .common import add_runtime_args, resolve_precision, runtime_record, setup_logging, write_json
+from .common import add_runtime_args, positive_int, resolve_precision, runtime_record, setup_logging, write_json
 from .finetune import PUBLISHED_RUNS, add_train_args, published_settings, train
 
 logger = logging.getLogger("unicom.retrieval")
@@ -43,7 +43,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="images per process per step")
     p.add_argument("--num_workers", "--num-workers", dest="num_workers", type=int, default=8,
                    help="data loading processes per process")
-    p.add_argument("--num_feat", type=int, default=None,
+    p.add_argument("--num_feat", type=positive_int, default=None,
                    help="use only the first num_feat embedding dimensions (as trained with feature sampling)")
     p.add_argument("--output", default="output", help="folder for results.json (and checkpoints)")
     p.add_argument("--chunk-size", "--chunk_size", dest="chunk_size", type=int, default=1024,
@@ -144,6 +144,7 @@ def report(result: dict, data: RetrievalDataset, args) -> dict:
         "num_query": result["num_query"],
         "num_gallery": result["num_gallery"],
         "world_size": dist.get_world_size(),
+        "num_feat": args.num_feat,  # None: every embedding dimension
         "recall": {str(k): 100.0 * v for k, v in result["recall"].items()},
         "map_at_r": 100.0 * result["map_at_r"],
         "r_precision": 100.0 * result["r_precision"],
@@ -173,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
             return train(args, device)
         torch.manual_seed(args.seed)
         model, transform = load(args.model_name, device=device, compile=args.compile)
+        size = getattr(model, "_orig_mod", model).config.embedding_size
+        if args.num_feat is not None and args.num_feat > size:
+            raise ValueError(f"--num_feat {args.num_feat} is larger than the model's embedding ({size})")
         data = load_retrieval_dataset(args.dataset, args.data_root, "test", transform, args.skip_bad_images)
         precision = resolve_precision(args.precision, device)
         evaluation = run_evaluation(model, data, args, device, precision)
