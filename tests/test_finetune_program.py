@@ -222,6 +222,40 @@ def test_gradient_accumulation_sums_micro_batch_gradients(cub, checkpoint, tmp_p
         assert torch.allclose(saved["model"][name], p.detach() - lr_backbone * g, rtol=1e-5, atol=1e-7), name
 
 
+def test_a_short_last_accumulation_group_applies_its_own_mean_gradient(cub, checkpoint, tmp_path, monkeypatch):
+    """15 images in batches of 5 with --gradient_acc 2: the epoch's second step accumulates one
+    micro-batch, whose gradient must be applied whole (the mean over the group), not halved."""
+    assert [finetune.group_size(m, 2, 3) for m in (1, 2, 3)] == [2, 2, 1]
+    assert [finetune.group_size(m, 3, 7) for m in range(1, 8)] == [3, 3, 3, 3, 3, 3, 1]
+    captured = []
+    real_step = finetune.optimizer_step
+
+    def spy(optimizer, scheduler, scaler):
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        captured.append(([p.detach().clone() for p in params], [p.grad.clone() for p in params]))
+        real_step(optimizer, scheduler, scaler)
+        if len(captured) == 2:
+            raise _StopAfterFirstCheckpoint
+
+    monkeypatch.setattr(finetune, "optimizer_step", spy)
+    with pytest.raises(_StopAfterFirstCheckpoint):
+        main(train_argv(cub, checkpoint, tmp_path / "out", "--batch_size", "5", "--gradient_acc", "2",
+                        "--optimizer", "sgd", "--lr", "0.05"))
+    before, applied = captured[1]
+    model, _ = unicom.load(checkpoint, device="cpu")
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    pfc = PartialFC(CombinedMarginLoss(32.0, 1.0, 0.3, 0.0), 32, 3)
+    with torch.no_grad():
+        for p, value in zip([*params, pfc.weight], before):
+            p.copy_(value)
+    train = load_retrieval_dataset("cub", cub.root, "train", eval_transform(32)).query
+    batch = finetune.EpochSampler(TRAIN_IMAGES, 5, seed=1024).batches(0)[2]  # the lone micro-batch of step 2
+    pfc(model(torch.stack([train[i][0] for i in batch])), train.labels[batch]).backward()
+    for p, g in zip([*params, pfc.weight], applied):
+        assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-5 * float(g.abs().max()) + 1e-7)
+
+
 # ----------------------------------------------------------------------------- NaN
 
 
@@ -298,6 +332,30 @@ def test_two_processes_fine_tune_end_to_end(two_process_run: Path) -> None:
               for r in (0, 1)]
     assert [s.shape[0] for s in shares] == [2, 1]
     assert all(torch.isfinite(v).all() for v in state_dict(out / "model_last.pt").values() if v.is_floating_point())
+
+
+def test_two_processes_report_what_the_saved_model_scores(two_process_run: Path, cub, tmp_path) -> None:
+    """Without SyncBatchNorm (CPUs) each process's BatchNorm statistics drift apart after DDP's
+    last copy; the evaluation must use one model, the one saved (rank 0's)."""
+    assert main(["--eval", "--dataset", "cub", "--data-root", str(cub.root), "--model_name",
+                 str(two_process_run / "model_last.pt"), "--output", str(tmp_path), "--num_workers", "0",
+                 "--batch_size", "4", "--device", "cpu"]) == 0
+    assert {k: results(tmp_path)[k] for k in METRICS} == {k: results(two_process_run)[k] for k in METRICS}
+
+
+def test_resuming_a_finished_two_process_run_reports_it_again(two_process_run: Path, cub, checkpoint,
+                                                             tmp_path, monkeypatch) -> None:
+    """Every process embeds its share of the test set (rank 0 alone would wait for the others)."""
+    import shutil
+
+    monkeypatch.setenv("UNICOM_DIST_TIMEOUT_MIN", "0.5")  # a hang fails in 30 s instead of 2 hours
+
+    out = tmp_path / "run"
+    shutil.copytree(two_process_run, out)
+    (out / "results.json").unlink()
+    record = run_in_processes(_main_in_process, 2, train_argv(cub, checkpoint, out, "--resume", "auto"),
+                              init=False, timeout_s=60)[0]
+    assert {k: record[k] for k in METRICS} == {k: results(two_process_run)[k] for k in METRICS}
 
 
 def test_resume_with_another_world_size_is_an_error(two_process_run: Path, cub, checkpoint, tmp_path) -> None:

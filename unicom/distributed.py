@@ -26,6 +26,7 @@ __all__ = [
     "all_reduce_sum",
     "all_gather_varlen",
     "all_gather_with_grad",
+    "broadcast_buffers",
     "shard_range",
     "wire_device",
 ]
@@ -115,6 +116,21 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
             dist.all_reduce(moved, op=dist.ReduceOp.SUM)
             tensor.copy_(moved)
     return tensor
+
+
+@torch.no_grad()
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every process ``src``'s buffers (BatchNorm running statistics, ...). DDP copies them
+    only at the start of a training forward, so after the last one each process keeps its own
+    (on CPUs, without SyncBatchNorm, they differ): call this before evaluating or saving."""
+    if get_world_size() == 1:
+        return
+    for buffer in module.buffers():
+        wire = wire_device(buffer)
+        moved = buffer if wire == buffer.device else buffer.to(wire)
+        dist.broadcast(moved, src)
+        if moved is not buffer:
+            buffer.copy_(moved)
 
 
 def all_gather_varlen(tensor: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from ..embed import autocast_for
 from ..factory import load
 from ..losses import MARGIN_GRADIENTS, CombinedMarginLoss, PartialFC
 from ..transforms import test_transform, train_transform
-from .common import resolve_precision, write_json
+from .common import positive_int, resolve_precision, write_json
 
 logger = logging.getLogger("unicom.finetune")
 
@@ -115,7 +115,7 @@ def add_train_args(p: argparse.ArgumentParser, title: str = "fine-tuning (withou
                    help="recompute activations in the backward pass (less memory, for the large models)")
     g.add_argument("--resume", default=None,
                    help="a checkpoint folder (…/checkpoints/epoch_NNNN) or 'auto' for the latest in --output")
-    g.add_argument("--log-every", "--log_every", dest="log_every", type=int, default=10,
+    g.add_argument("--log-every", "--log_every", dest="log_every", type=positive_int, default=10,
                    help="log a progress line every N optimiser steps")
 
 
@@ -312,9 +312,17 @@ class StepLogger:
                     loss_sum.item() / max(count, 1), lrs, rate, time.strftime("%H:%M:%S", time.gmtime(left)))
 
 
-def backward(loss: torch.Tensor, gradient_acc: int, scaler) -> None:
-    """Backward of one micro-batch's share of the accumulated loss (scaled for fp16)."""
-    scaled = loss / gradient_acc
+def group_size(micro: int, gradient_acc: int, micro_per_epoch: int) -> int:
+    """Micro-batches in the accumulation group of micro-batch ``micro`` (1-based) of an epoch:
+    ``gradient_acc``, fewer for the epoch's last group when they do not divide evenly."""
+    start = (micro - 1) // gradient_acc * gradient_acc
+    return min(gradient_acc, micro_per_epoch - start)
+
+
+def backward(loss: torch.Tensor, group: int, scaler) -> None:
+    """Backward of one micro-batch's share of its accumulation group's mean loss (``group``
+    micro-batches; scaled for fp16)."""
+    scaled = loss / group
     (scaler.scale(scaled) if scaler is not None else scaled).backward()
 
 
@@ -427,7 +435,7 @@ def train(args, device: torch.device) -> int:
                 with autocast_for(device, precision):
                     embeddings = ddp(images)
                 loss = pfc(embeddings.float(), labels)
-                backward(loss, args.gradient_acc, scaler)
+                backward(loss, group_size(micro, args.gradient_acc, sampler.batches_per_epoch), scaler)
             finite &= torch.isfinite(loss.detach())
             loss_sum += loss.detach()
             count += 1
@@ -442,6 +450,7 @@ def train(args, device: torch.device) -> int:
                 count = 0
         _check_finite(finite, loss_sum, epoch, step)
 
+        dist.broadcast_buffers(unwrap(ddp))  # one model: rank 0's BatchNorm statistics everywhere
         result = evaluate(unwrap(ddp), test_data, args, device, precision)
         score = result["recall"][test_data.ks[0]]
         best = max(best, score)
@@ -453,11 +462,13 @@ def train(args, device: torch.device) -> int:
                 save_model(unwrap(ddp), output / "model_best.pt")
         save_checkpoint(output / CHECKPOINTS / f"epoch_{epoch + 1:04d}", ddp, pfc, optimizer, scheduler, scaler,
                         epoch + 1, step, best, args)
-    if dist.is_main_process():
-        if not record:  # resumed a finished run: report the final model again
-            result = evaluate(unwrap(ddp), test_data, args, device, precision)
+    if start_epoch >= args.epochs:  # resumed a finished run: report the final model again (every rank embeds)
+        dist.broadcast_buffers(unwrap(ddp))
+        result = evaluate(unwrap(ddp), test_data, args, device, precision)
+        if dist.is_main_process():
             record = report(result, test_data, args)
             record.update(epoch=args.epochs, best_recall_at_1=100.0 * best)
+    if dist.is_main_process():
         write_json({**record, "settings": settings(args)}, output / "results.json")
     dist.barrier()
     return 0

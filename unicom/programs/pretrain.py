@@ -62,6 +62,7 @@ from .finetune import (
     backward,
     build_optimizer,
     find_resume,
+    group_size,
     checkpoint_extra,
     load_checkpoint,
     optimizer_step,
@@ -332,7 +333,7 @@ def train(args, device: torch.device) -> int:
                 with autocast_for(device, precision):
                     embeddings = ddp(images)  # (B, embedding_size)
                 loss = pfc(embeddings.float(), targets)
-                backward(loss, args.gradient_acc, scaler)
+                backward(loss, group_size(micro, args.gradient_acc, micro_per_epoch), scaler)
             finite &= torch.isfinite(loss.detach())
             loss_sum += loss.detach()
             epoch_loss += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
@@ -354,6 +355,7 @@ def train(args, device: torch.device) -> int:
 
         # PartialFC's loss is already the mean over all processes' samples: average the means
         entry = {"epoch": epoch + 1, "step": step, "loss": float(epoch_loss[0] / max(float(epoch_loss[1]), 1))}
+        dist.broadcast_buffers(unwrap(ddp))  # one model: rank 0's BatchNorm statistics everywhere
         if test_data is not None:
             result = evaluate(unwrap(ddp), test_data, _eval_args(args), device, precision)
             best = max(best, result["recall"][test_data.ks[0]])
