@@ -235,6 +235,35 @@ def test_missing_layout_names_expected_path(tmp_path, name, expected):
     assert "<root>/" in message  # and the layout it belongs to
 
 
+def test_an_empty_split_names_the_expected_layout(tmp_path):
+    (tmp_path / "CUB_200_2011" / "images").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"cub test: no images found .*<root>/CUB_200_2011/images"):
+        load_retrieval_dataset("cub", tmp_path, "test")
+    folder = tmp_path / "Stanford_Online_Products"
+    folder.mkdir()
+    (folder / "Ebay_test.txt").write_text("image_id class_id super_class_id path\n")  # the header alone
+    with pytest.raises(FileNotFoundError, match="sop test: no images found"):
+        load_retrieval_dataset("sop", tmp_path, "test")
+
+
+def test_cars_annotations_without_the_variable_are_a_clear_error(tmp_path):
+    from scipy.io import savemat
+
+    (tmp_path / "cars196").mkdir()
+    savemat(tmp_path / "cars196" / "cars_annos.mat", {"something_else": np.zeros(3)})
+    with pytest.raises(ValueError, match="no 'annotations' variable .*something_else"):
+        load_retrieval_dataset("car", tmp_path, "test")
+
+
+def test_shard_range_checks_the_rank():
+    from unicom.distributed import shard_range
+
+    assert [len(shard_range(23, r, 2)) for r in (0, 1)] == [12, 11]
+    for rank, world in ((-1, 2), (2, 2), (0, 0)):
+        with pytest.raises(ValueError, match="rank"):
+            shard_range(23, rank, world)
+
+
 def test_dataset_names():
     assert set(DATASETS) == {"cub", "car", "sop", "inshop", "inat", "digits"}
     assert set(DATASETS) == set(STANDARD)

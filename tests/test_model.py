@@ -102,3 +102,22 @@ def test_create_model_overrides_and_unknown_name():
     with pytest.raises(ValueError) as e:
         unicom.create_model("ViT-B/33")
     assert "ViT-B/32" in str(e.value) and "Did you mean 'ViT-B/32'" in str(e.value)
+
+
+def test_one_image_without_its_batch_dimension_is_a_clear_error():
+    model = unicom.VisionTransformer(input_size=16, patch_size=16, dim=64, embedding_size=8, depth=1, num_heads=1)
+    with pytest.raises(ValueError, match="add a batch dimension"):
+        model(torch.zeros(3, 16, 16))  # input_size == patch_size: this used to return a (64, 8) tensor
+
+
+def test_a_state_dict_with_an_uneven_mlp_width_loads(tmp_path):
+    """hidden / dim * dim can round below hidden (120 / 88 * 88 = 119.99...)."""
+    from unicom.checkpoint import config_from_state_dict
+
+    model = unicom.VisionTransformer(input_size=32, patch_size=16, dim=88, embedding_size=8, depth=1, num_heads=1,
+                                     mlp_ratio=(120 + 0.5) / 88)
+    assert model.blocks[0].mlp.fc1.out_features == 120
+    config = config_from_state_dict(model.state_dict())
+    assert unicom.VisionTransformer.from_config(config).blocks[0].mlp.fc1.out_features == 120
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    unicom.load(tmp_path / "m.pt", device="cpu")

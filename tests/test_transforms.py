@@ -56,6 +56,23 @@ def test_16_bit_images_are_scaled_not_clipped(photo):
     torch.testing.assert_close(eval_transform(224)(gray16), eval_transform(224)(photo.convert("L")), rtol=0, atol=0)
 
 
+def test_16_bit_scaling_does_not_depend_on_the_rest_of_the_image(tmp_path):
+    """A stored value maps to one pixel value whatever else the image holds (16-bit PGM: mode I
+    or I;16 by Pillow version; float images are taken as 0-1)."""
+    outputs = []
+    for i, extra in enumerate((200, 256, 65535)):
+        values = np.full((4, 4), 200 * 257, dtype=">u2")  # 200 of 255, in 16 bits
+        values[0, 0] = extra * 257 if extra <= 255 else extra
+        path = tmp_path / f"{i}.pgm"
+        path.write_bytes(b"P5 4 4 65535\n" + values.tobytes())
+        with Image.open(path) as image:
+            image.load()
+            outputs.append(np.asarray(to_rgb(image))[1:, 1:])
+    assert all(np.array_equal(out, np.full((3, 3, 3), 200, np.uint8)) for out in outputs)
+    floats = [Image.fromarray(np.full((2, 2), 0.5, np.float32)), Image.fromarray(np.array([[0.5, 7.0]], np.float32))]
+    assert [np.asarray(to_rgb(f))[0, 0, 0] for f in floats] == [128, 128]
+
+
 def test_test_and_train_transforms(photo):
     assert tfm.test_transform(224)(photo).shape == (3, 224, 224)
     assert tfm.test_transform(336).transforms[1].size == 336

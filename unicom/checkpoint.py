@@ -133,6 +133,13 @@ def read_checkpoint(path: str | os.PathLike, verify: bool = True) -> tuple[dict[
     return _strip_prefixes(obj), config
 
 
+def _mlp_ratio(hidden: int, dim: int) -> float:
+    """A ratio the model turns back into ``hidden`` (it builds ``int(dim * ratio)`` units: hidden / dim
+    can land a rounding error below, e.g. 120 / 88 * 88 = 119.99...)."""
+    ratio = hidden / dim
+    return ratio if int(dim * ratio) == hidden else (hidden + 0.5) / dim
+
+
 def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> ViTConfig:
     """Read the architecture off the tensor shapes of a published-format state dict.
 
@@ -162,7 +169,7 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> ViTConfig:
         embedding_size=embedding_size,
         depth=depth,
         num_heads=max(dim // 64, 1),
-        mlp_ratio=hidden / dim,
+        mlp_ratio=_mlp_ratio(hidden, dim),
     )
 
 

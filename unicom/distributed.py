@@ -203,6 +203,8 @@ def shard_range(n: int, rank: int | None = None, world_size: int | None = None) 
     """
     rank = get_rank() if rank is None else rank
     world_size = get_world_size() if world_size is None else world_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of {world_size} process(es): expected 0 <= rank < world_size")
     base, extra = divmod(n, world_size)
     start = rank * base + min(rank, extra)
     return range(start, start + base + (1 if rank < extra else 0))

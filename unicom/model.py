@@ -174,6 +174,9 @@ class VisionTransformer(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> flattened normalised tokens (B, num_patches * dim)."""
         expected = self.config.input_size
+        if x.ndim != 4:
+            raise ValueError(f"expected a batch of images (B, {self.config.in_channels}, {expected}, {expected}), "
+                             f"got a tensor of shape {tuple(x.shape)} (one image: add a batch dimension, x[None])")
         if x.shape[-2:] != (expected, expected):
             raise ValueError(f"expected images of {expected}x{expected}, got {tuple(x.shape[-2:])}")
         x = self.patch_embed(x) + self.pos_embed  # (B, N, D)

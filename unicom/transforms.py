@@ -18,17 +18,17 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL image -> 8-bit RGB. 16-bit and 32-bit integer images are scaled to 0-255."""
+    """Any PIL image -> 8-bit RGB.
+
+    Integer images of more than 8 bits (``I;16*``, and ``I``, which PIL uses for 16-bit PNG,
+    PGM and TIFF files) are scaled from 0-65535 to 0-255, float images (``F``) from 0-1,
+    then clipped: the same stored value gives the same pixel in every image. (PIL's own
+    ``convert("RGB")`` clips them at 255, which turns most 16-bit photographs white.)"""
     if image.mode == "RGB":
         return image
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
         array = np.asarray(image, dtype=np.float64)
-        if image.mode.startswith("I;16"):
-            full_scale = 65535.0
-        elif image.mode == "I":
-            full_scale = 65535.0 if array.max(initial=0) > 255 else 255.0
-        else:  # float images: assume [0, 1] unless the values say otherwise
-            full_scale = 1.0 if array.max(initial=0) <= 1.0 else float(array.max())
+        full_scale = 1.0 if image.mode == "F" else 65535.0
         array = np.clip(np.rint(array * (255.0 / full_scale)), 0, 255).astype(np.uint8)
         return Image.fromarray(array, mode="L").convert("RGB")
     if image.mode == "P":

@@ -85,10 +85,16 @@ def _check(name: str, split: str, what: str, found: int, standard: int) -> None:
         )
 
 
-def finish(name: str, split: Split, query: ImageDataset, gallery: ImageDataset | None = None) -> RetrievalDataset:
-    """Wrap a built split: fill in Recall@K and warn where counts differ from the standard."""
+def finish(name: str, split: Split, query: ImageDataset, gallery: ImageDataset | None = None,
+           layout: str | None = None) -> RetrievalDataset:
+    """Wrap a built split: fill in Recall@K and warn where counts differ from the standard;
+    an empty split is an error that names the expected ``layout``."""
     standard = STANDARD[name]
     counts = getattr(standard, split)
+    for part, dataset in (("images", query), ("gallery images", gallery)):
+        if dataset is not None and len(dataset) == 0:
+            raise FileNotFoundError(f"{name} {split}: no {part} found (an empty or misplaced copy of the dataset?)"
+                                    + (f"; expected the layout {layout}" if layout else ""))
     labels = query.labels if gallery is None else torch.cat([query.labels, gallery.labels])
     num_classes = int(labels.max()) + 1 if labels.numel() else 0
     images = "query images" if gallery is not None else "images"

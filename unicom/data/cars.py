@@ -32,7 +32,12 @@ def read_annotations(path: str | os.PathLike) -> tuple[list[str], list[int]]:
     """(relative image paths, 1-based classes) from a ``cars_annos.mat`` file."""
     from scipy.io import loadmat  # scipy is only needed for this format
 
-    annotations = loadmat(path)["annotations"].ravel()
+    contents = loadmat(path)
+    if "annotations" not in contents:
+        found = sorted(k for k in contents if not k.startswith("__"))
+        raise ValueError(f"{path} holds no 'annotations' variable (found: {found}): expected the cars_annos.mat "
+                         "of Stanford Cars")
+    annotations = contents["annotations"].ravel()
     fields = annotations.dtype.names or ()
     if "relative_im_path" not in fields or "class" not in fields:
         raise ValueError(f"{path}: annotations lack relative_im_path or class; fields are {fields}")
@@ -54,4 +59,5 @@ def build(
     keep = [i for i, c in enumerate(classes) if (c <= half) == (split == "train")]
     (labels,), names = encode_labels([classes[i] for i in keep])
     paths = [str(folder / relative[i]) for i in keep]
-    return finish("car", split, ImageDataset(paths, labels, transform, skip_bad_images, classes=names))
+    return finish("car", split, ImageDataset(paths, labels, transform, skip_bad_images, classes=names),
+                  layout=LAYOUT)

@@ -33,4 +33,4 @@ def build(
     keep = [i for i, c in enumerate(indices) if (c < half) == (split == "train")]
     (labels,), names = encode_labels([classes[indices[i]] for i in keep])
     query = ImageDataset([paths[i] for i in keep], labels, transform, skip_bad_images, classes=names)
-    return finish("cub", split, query)
+    return finish("cub", split, query, layout=LAYOUT)

@@ -36,4 +36,5 @@ def build(
     relative = read_lines(listing)
     (labels,), names = encode_labels([PurePosixPath(p).parent.name for p in relative])
     paths = [str(folder / p) for p in relative]
-    return finish("inat", split, ImageDataset(paths, labels, transform, skip_bad_images, classes=names))
+    return finish("inat", split, ImageDataset(paths, labels, transform, skip_bad_images, classes=names),
+                  layout=LAYOUT)

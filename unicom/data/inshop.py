@@ -82,10 +82,11 @@ def build(
     if split == "train":
         paths, items = subset("train")
         (labels,), names = encode_labels(items)
-        return finish("inshop", split, ImageDataset(paths, labels, transform, skip_bad_images, classes=names))
+        return finish("inshop", split, ImageDataset(paths, labels, transform, skip_bad_images, classes=names),
+                      layout=LAYOUT)
     query_paths, query_items = subset("query")
     gallery_paths, gallery_items = subset("gallery")
     (query_labels, gallery_labels), names = encode_labels(query_items, gallery_items)
     query = ImageDataset(query_paths, query_labels, transform, skip_bad_images, classes=names)
     gallery = ImageDataset(gallery_paths, gallery_labels, transform, skip_bad_images, classes=names)
-    return finish("inshop", split, query, gallery)
+    return finish("inshop", split, query, gallery, layout=LAYOUT)

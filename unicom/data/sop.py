@@ -34,4 +34,5 @@ def build(
             raise ValueError(f"{listing}:{n}: expected 'image_id class_id super_class_id path', got {row}")
     (labels,), names = encode_labels([int(row[1]) for row in rows])
     paths = [str(folder / row[3]) for row in rows]
-    return finish("sop", split, ImageDataset(paths, labels, transform, skip_bad_images, classes=names))
+    return finish("sop", split, ImageDataset(paths, labels, transform, skip_bad_images, classes=names),
+                  layout=LAYOUT)
