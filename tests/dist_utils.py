@@ -17,6 +17,7 @@ import os
 import pickle
 import socket
 import tempfile
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -102,6 +103,7 @@ def run_in_processes(
     *args: Any,
     init: bool = True,
     timeout_s: float = 60.0,
+    wall_timeout_s: float = 300.0,
 ) -> list[Any]:
     """Call ``fn(rank, world_size, *args)`` in ``world_size`` new processes.
 
@@ -109,7 +111,8 @@ def run_in_processes(
     before ``fn`` runs and leaves it afterwards; with ``init=False`` only the torchrun
     environment variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, ...) are set, for
     code that creates the group itself. ``fn`` and ``args`` must be picklable, and so must
-    the results. Collectives time out after ``timeout_s`` so a hung rank fails the test.
+    the results. Collectives time out after ``timeout_s`` so a hung rank fails the test, and
+    the processes are killed after ``wall_timeout_s`` in any case.
 
     Returns:
         The results in rank order. Raises if any process fails (the error names the
@@ -117,13 +120,20 @@ def run_in_processes(
     """
     with tempfile.TemporaryDirectory(prefix="unicom-dist-") as out_dir:
         try:
-            mp.start_processes(
+            context = mp.start_processes(
                 _worker,
                 args=(world_size, free_port(), out_dir, init, timeout_s, fn, args),
                 nprocs=world_size,
-                join=True,
+                join=False,
                 start_method=_start_method(),
             )
+            # A hung rank (a collective some process never joins) fails the test instead of the whole run.
+            deadline = time.monotonic() + wall_timeout_s
+            while not context.join(timeout=1.0):
+                if time.monotonic() > deadline:
+                    for process in context.processes:
+                        process.kill()
+                    raise TimeoutError(f"the {world_size} processes did not finish within {wall_timeout_s} s")
         except Exception as err:
             reports = sorted(Path(out_dir).glob("error*.txt"))
             details = "\n".join(f"--- {p.stem} ---\n{p.read_text()}" for p in reports)

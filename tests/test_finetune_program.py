@@ -354,7 +354,7 @@ def test_resuming_a_finished_two_process_run_reports_it_again(two_process_run: P
     shutil.copytree(two_process_run, out)
     (out / "results.json").unlink()
     record = run_in_processes(_main_in_process, 2, train_argv(cub, checkpoint, out, "--resume", "auto"),
-                              init=False, timeout_s=60)[0]
+                              init=False, timeout_s=60, wall_timeout_s=90)[0]
     assert {k: record[k] for k in METRICS} == {k: results(two_process_run)[k] for k in METRICS}
 
 
