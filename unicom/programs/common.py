@@ -9,6 +9,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -57,26 +58,23 @@ def _decode_option(value: str) -> str:
     return value
 
 
-def positive_int(value: str) -> int:
-    """An argparse type: a whole number >= 1 (a bad value ends with usage and exit status 2)."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {number}")
-    return number
+def _positive(convert: Callable[[str], float], expected: str) -> Callable[[str], float]:
+    def parse(value: str):
+        try:
+            number = convert(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}") from None
+        if not (math.isfinite(number) and number > 0):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {number}")
+        return number
+
+    parse.__name__ = convert.__name__
+    return parse
 
 
-def positive_float(value: str) -> float:
-    """An argparse type: a finite number > 0."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}") from None
-    if not math.isfinite(number) or number <= 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {value}")
-    return number
+# argparse types: a bad value ends with the usage and exit status 2, before anything loads
+positive_int = _positive(int, "a whole number >= 1")
+positive_float = _positive(float, "a finite number > 0")
 
 
 def add_runtime_args(parser, compile: bool = True) -> None:
