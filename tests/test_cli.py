@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,3 +78,34 @@ def test_a_bad_image_in_a_worker_process_is_one_line(tmp_path, checkpoint):
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and lines[0].startswith(f"error: cannot decode image {target}"), result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("program,argv", [
+    ("cluster", ["--features", "x", "--output", "y", "--k", "3", "--niter", "-1"]),
+    ("cluster", ["--features", "x", "--output", "y", "--k", "3", "--chunk-size", "0"]),
+    ("cluster", ["--features", "x", "--output", "y", "--k", "3", "--max-points-per-centroid", "0"]),
+    ("extract_features", ["--source", "pixels", "--inputs", "x", "--output", "y", "--batch-size", "0"]),
+    ("extract_features", ["--source", "pixels", "--inputs", "x", "--output", "y", "--pixel-size", "0"]),
+    ("retrieval", ["--eval", "--dataset", "digits", "--visualize", "-1"]),
+])
+def test_pretraining_and_visualize_flags_are_checked(program, argv, capsys):
+    import importlib
+
+    module = importlib.import_module(f"unicom.programs.{program}")
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(argv)
+    assert exit_info.value.code == 2 and "expected a whole number" in capsys.readouterr().err
+
+
+def test_library_checks_behind_those_flags():
+    from unicom.pretrain.features import PixelSource, extract_features
+    from unicom.pretrain.kmeans import spherical_kmeans
+
+    x = torch.nn.functional.normalize(torch.randn(20, 4), dim=1)
+    for options in (dict(niter=0), dict(chunk_size=-1), dict(max_points_per_centroid=0)):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            spherical_kmeans(x, 3, backend="torch", **options)
+    with pytest.raises(ValueError, match="pixel size"):
+        PixelSource(size=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        extract_features(PixelSource(size=2), "nowhere", "nowhere", batch_size=0)

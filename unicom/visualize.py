@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageOps
@@ -58,4 +59,10 @@ def retrieval_grid(query, gallery, data, num_queries: int, path: str | os.PathLi
             x = c * tile + (tile // 4 if c else 0)  # a gap after the query column
             canvas.paste(t, (x, r * tile))
         draw.line([(tile + tile // 8, r * tile), (tile + tile // 8, (r + 1) * tile)], fill=(180, 180, 180), width=2)
-    canvas.save(path)
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        canvas.save(partial, format="PNG")
+        os.replace(partial, path)  # whole or not at all
+    finally:
+        partial.unlink(missing_ok=True)

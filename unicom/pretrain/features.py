@@ -127,6 +127,8 @@ class PixelSource(FeatureSource):
     name = "pixels"
 
     def __init__(self, size: int = 16, device: str | torch.device | None = None) -> None:
+        if size < 1:
+            raise ValueError(f"pixel size must be >= 1, got {size}")
         self.size = size
         self.dim = 3 * size * size
         self.device = torch.device(device or "cpu")
@@ -408,6 +410,8 @@ def extract_features(
         totals and the shards in input order. Runs on every process of a torchrun job, each
         taking the shards ``i % world_size == rank``.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if isinstance(source, str):
         source = build_source(source, device=device, **(source_options or {}))
     if fusion is None:

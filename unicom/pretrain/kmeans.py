@@ -442,6 +442,11 @@ def spherical_kmeans(
     process's labels in rank order (the global row order) with ``gather=True``.
     """
     backend = _resolve_backend(backend)
+    for name, value in (("niter", niter), ("max_points_per_centroid", max_points_per_centroid)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 (or None for the backend's default), got {chunk_size}")
     assign_chunk = chunk_size or ((1 << 20) if backend == "faiss" else (1 << 16))
     options = {"max_points_per_centroid": max_points_per_centroid, "backend": backend, "device": device,
                "dtype": dtype, "chunk_size": min(assign_chunk, 1 << 16), "gpu": gpu}

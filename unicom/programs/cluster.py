@@ -22,7 +22,7 @@ import torch
 from .. import distributed as dist
 from ..pretrain.features import load_features, read_manifest
 from ..pretrain.kmeans import BACKENDS, save_clustering, spherical_kmeans
-from .common import setup_logging
+from .common import positive_int, setup_logging
 
 logger = logging.getLogger("unicom.cluster")
 
@@ -33,14 +33,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--features", required=True, help="output folder of extract_features.py")
     p.add_argument("--output", required=True, help="folder for labels.npy, centroids.npy, stats.json")
     p.add_argument("--k", type=int, required=True, help="number of clusters (pseudo classes)")
-    p.add_argument("--niter", type=int, default=20, help="Lloyd iterations (default: 20, as faiss)")
+    p.add_argument("--niter", type=positive_int, default=20, help="Lloyd iterations (default: 20, as faiss)")
     p.add_argument("--levels", type=int, default=1, choices=(1, 2),
                    help="2: sqrt(K) coarse clusters, each split in proportion to its size")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="faiss, torch (distributed with torchrun), or auto: faiss when installed")
     p.add_argument("--max-points-per-centroid", "--max_points_per_centroid", dest="max_points_per_centroid",
-                   type=int, default=256, help="training sample: at most K times this many points (faiss default)")
-    p.add_argument("--chunk-size", "--chunk_size", dest="chunk_size", type=int, default=None,
+                   type=positive_int, default=256,
+                   help="training sample: at most K times this many points (faiss default)")
+    p.add_argument("--chunk-size", "--chunk_size", dest="chunk_size", type=positive_int, default=None,
                    help="rows assigned at once (default: 1M for faiss, 65536 for torch)")
     p.add_argument("--gpu", action="store_true", help="faiss backend: use faiss' GPU code when present")
     p.add_argument("--half", action="store_true", help="torch backend: fp16 matrix products (for GPUs)")

@@ -58,13 +58,13 @@ def _decode_option(value: str) -> str:
     return value
 
 
-def _positive(convert: Callable[[str], float], expected: str) -> Callable[[str], float]:
+def _at_least(convert: Callable[[str], float], low: float, strict: bool, expected: str) -> Callable[[str], float]:
     def parse(value: str):
         try:
             number = convert(value)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}") from None
-        if not (math.isfinite(number) and number > 0):
+        if not (math.isfinite(number) and (number > low if strict else number >= low)):
             raise argparse.ArgumentTypeError(f"expected {expected}, got {number}")
         return number
 
@@ -73,8 +73,9 @@ def _positive(convert: Callable[[str], float], expected: str) -> Callable[[str],
 
 
 # argparse types: a bad value ends with the usage and exit status 2, before anything loads
-positive_int = _positive(int, "a whole number >= 1")
-positive_float = _positive(float, "a finite number > 0")
+positive_int = _at_least(int, 1, False, "a whole number >= 1")
+non_negative_int = _at_least(int, 0, False, "a whole number >= 0")
+positive_float = _at_least(float, 0.0, True, "a finite number > 0")
 
 
 def add_runtime_args(parser, compile: bool = True) -> None:

@@ -17,7 +17,7 @@ import logging
 
 from .. import distributed as dist
 from ..pretrain.features import FUSIONS, available_sources, build_source, extract_features
-from .common import PRECISION_CHOICES, resolve_precision, setup_logging
+from .common import PRECISION_CHOICES, positive_int, resolve_precision, setup_logging
 
 logger = logging.getLogger("unicom.extract_features")
 
@@ -44,9 +44,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="open_clip pretrained tag or weights file; 'none' for random weights")
     p.add_argument("--model-name", "--model_name", dest="model_name", default="ViT-B/32",
                    help="unicom source: a registered model name or a checkpoint path")
-    p.add_argument("--pixel-size", "--pixel_size", dest="pixel_size", type=int, default=16,
+    p.add_argument("--pixel-size", "--pixel_size", dest="pixel_size", type=positive_int, default=16,
                    help="pixels source: images are resized to this square size (feature size 3*s*s)")
-    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=256,
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=positive_int, default=256,
                    help="images per forward pass")
     p.add_argument("--num-workers", "--num_workers", dest="num_workers", type=int, default=8,
                    help="decoding processes per process (each reads whole shards)")

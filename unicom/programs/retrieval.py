@@ -21,7 +21,8 @@ from ..data.registry import available_datasets
 from ..embed import Embeddings, embed_loader, gather_embeddings
 from ..factory import load
 from ..metrics import retrieval_metrics
-from .common import add_runtime_args, positive_int, resolve_precision, runtime_record, setup_logging, write_json
+from .common import (add_runtime_args, non_negative_int, positive_int, resolve_precision, runtime_record,
+                     setup_logging, write_json)
 from .finetune import PUBLISHED_RUNS, add_train_args, published_settings, train
 
 logger = logging.getLogger("unicom.retrieval")
@@ -48,7 +49,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--output", default="output", help="folder for results.json (and checkpoints)")
     p.add_argument("--chunk-size", "--chunk_size", dest="chunk_size", type=int, default=1024,
                    help="queries searched at once: bounds memory to chunk x gallery similarities")
-    p.add_argument("--visualize", type=int, default=0, metavar="N",
+    p.add_argument("--visualize", type=non_negative_int, default=0, metavar="N",
                    help="write <output>/retrieval_examples.png with N random queries and their top results")
     p.add_argument("--seed", type=int, default=1024)
     add_runtime_args(p)
