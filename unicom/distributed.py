@@ -104,17 +104,20 @@ def wire_device(tensor: torch.Tensor, backend: str | None = None) -> torch.devic
     return tensor.device
 
 
+def _in_place(tensor: torch.Tensor, collective) -> None:
+    """Run an in-place ``collective`` on ``tensor`` on the device the backend needs, then back."""
+    wire = wire_device(tensor)
+    moved = tensor if wire == tensor.device else tensor.to(wire)
+    collective(moved)
+    if moved is not tensor:
+        tensor.copy_(moved)
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over all processes, in place, whatever its device and the backend;
     returns it for chaining."""
     if is_initialized() and get_world_size() > 1:
-        wire = wire_device(tensor)
-        if wire == tensor.device:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        else:
-            moved = tensor.to(wire)
-            dist.all_reduce(moved, op=dist.ReduceOp.SUM)
-            tensor.copy_(moved)
+        _in_place(tensor, lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM))
     return tensor
 
 
@@ -126,11 +129,7 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     if get_world_size() == 1:
         return
     for buffer in module.buffers():
-        wire = wire_device(buffer)
-        moved = buffer if wire == buffer.device else buffer.to(wire)
-        dist.broadcast(moved, src)
-        if moved is not buffer:
-            buffer.copy_(moved)
+        _in_place(buffer, lambda t: dist.broadcast(t, src))
 
 
 def all_gather_varlen(tensor: torch.Tensor) -> torch.Tensor:

@@ -443,11 +443,11 @@ def extract_features(
         elif meta["config"] != config:
             raise ValueError(f"shard {shard.name} in {output_dir} was written with another configuration "
                              f"({_config_mismatch(meta['config'], config)}); use a new output folder")
-        elif meta.get("input_id", shard_identity(shard)) != shard_identity(shard):
+        elif "input_id" in meta and meta["input_id"] != (identity := shard_identity(shard)):
             raise ValueError(f"shard {shard.name} in {output_dir} holds the features of another input "
-                             f"({meta['input']}: {meta['input_id']}; this run's {shard.source}: "
-                             f"{shard_identity(shard)}); use a new output folder, or delete "
-                             f"{_paths(output_dir, shard.name)['features'].name} to extract it again")
+                             f"({meta['input']}: {meta['input_id']}; this run's {shard.source}: {identity}); "
+                             f"use a new output folder, or delete {_paths(output_dir, shard.name)['features'].name} "
+                             "to extract it again")
     logger.info("%d shards, %d for this process, %d already done", len(shards), len(mine), len(mine) - len(todo))
     _run(source, todo, output_dir, config, fusion, batch_size, precision, num_workers, rank)
 

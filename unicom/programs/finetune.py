@@ -193,7 +193,7 @@ def _split_optimizer_state(state: dict, pfc_ids: set[int], keep_backbone: bool) 
 def save_checkpoint(folder: Path, model, pfc, optimizer, scheduler, scaler, epoch: int, step: int, best: float,
                     args, extra: dict | None = None) -> None:
     """Every rank writes its file; rank 0 then points ``latest`` at the folder (atomic). ``extra``:
-    plain values a program needs to resume exactly (:func:`checkpoint_extra` reads them back)."""
+    plain values a program needs to resume exactly (:func:`load_checkpoint` gives them back)."""
     rank = dist.get_rank()
     pfc_ids = set(range(len(optimizer.param_groups[0]["params"]),
                         len(optimizer.param_groups[0]["params"]) + len(optimizer.param_groups[1]["params"])))
@@ -241,13 +241,9 @@ def find_resume(resume: str, output: Path) -> Path | None:
     return output / CHECKPOINTS / pointer.read_text().strip()
 
 
-def checkpoint_extra(folder: Path) -> dict:
-    """The ``extra`` values this process saved with the checkpoint in ``folder``."""
-    state = torch.load(folder / f"rank_{dist.get_rank()}.pt", map_location="cpu", weights_only=True)
-    return state.get("extra", {})
-
-
-def load_checkpoint(folder: Path, model, pfc, optimizer, scheduler, scaler) -> tuple[int, int, float]:
+def load_checkpoint(folder: Path, model, pfc, optimizer, scheduler, scaler) -> tuple[int, int, float, dict]:
+    """Restore a checkpoint into the given objects: (epochs done, step, best, the ``extra`` values
+    this process saved with it)."""
     rank = dist.get_rank()
     main_state = torch.load(folder / "rank_0.pt", map_location="cpu", weights_only=True)
     if main_state["world_size"] != dist.get_world_size():
@@ -268,7 +264,7 @@ def load_checkpoint(folder: Path, model, pfc, optimizer, scheduler, scaler) -> t
         scaler.load_state_dict(mine["scaler"])
     set_rng_state(mine["rng"])
     logger.info("resumed from %s (epoch %d, step %d)", folder, mine["epoch"], mine["step"])
-    return mine["epoch"], mine["step"], mine["best"]
+    return mine["epoch"], mine["step"], mine["best"], mine.get("extra", {})
 
 
 # ----------------------------------------------------------------------------- training
@@ -409,7 +405,7 @@ def train(args, device: torch.device) -> int:
     if args.resume:
         folder = find_resume(args.resume, output)
         if folder is not None:
-            start_epoch, step, best = load_checkpoint(folder, model, pfc, optimizer, scheduler, scaler)
+            start_epoch, step, best, _ = load_checkpoint(folder, model, pfc, optimizer, scheduler, scaler)
 
     images_per_step = args.batch_size * args.gradient_acc * dist.get_world_size()
     log = StepLogger(args.log_every, total_steps, images_per_step)

@@ -63,7 +63,6 @@ from .finetune import (
     build_optimizer,
     find_resume,
     group_size,
-    checkpoint_extra,
     load_checkpoint,
     optimizer_step,
     save_checkpoint,
@@ -304,8 +303,8 @@ def train(args, device: torch.device) -> int:
     if args.resume:
         folder = find_resume(args.resume, output)
         if folder is not None:
-            start_epoch, step, best = load_checkpoint(folder, model, pfc, optimizer, scheduler, scaler)
-            resumed_loss = checkpoint_extra(folder).get("epoch_loss", resumed_loss)
+            start_epoch, step, best, extra = load_checkpoint(folder, model, pfc, optimizer, scheduler, scaler)
+            resumed_loss = extra.get("epoch_loss", resumed_loss)
     history = _load_history(output, start_epoch)
 
     log = StepLogger(args.log_every, total_steps, args.batch_size * args.gradient_acc * world)

@@ -76,8 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _compare_with_published(args) -> None:
     """Say so when this run's global batch differs from the published run's (ArcFace over Partial FC
     sees every process's batch at once: its size is part of the setting)."""
-    processes = PUBLISHED_RUNS[(args.dataset, args.model_name)]["processes"]
-    published = processes * PUBLISHED_RUNS[(args.dataset, args.model_name)]["batch_size"]
+    run = PUBLISHED_RUNS[(args.dataset, args.model_name)]
+    processes, published = run["processes"], run["processes"] * run["batch_size"]
     world = dist.get_world_size()
     if world * args.batch_size != published:
         logger.warning("the published run used %d process(es) x %d images (%d per step); this one %d x %d (%d): "
