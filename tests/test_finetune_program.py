@@ -368,26 +368,13 @@ def test_resume_with_another_world_size_is_an_error(two_process_run: Path, cub, 
 
 
 def _reference_runs() -> dict[tuple[str, str], dict]:
-    """The 'Published scripts' lines of ../shared/reference/UPSTREAM.md, parsed: (dataset, model) ->
-    processes, batch_size, epochs, lr, margin_loss_m2, output_dim and (where the line names it) transform."""
-    text = (ROOT.parent / "shared" / "reference" / "UPSTREAM.md").read_text()
-    section = text[text.index("- Published scripts"):text.index("## Published results")]
-    datasets = {"SOP": "sop", "In-Shop": "inshop", "iNaturalist": "inat"}
-    runs = {}
-    for line in " ".join(section.split()).split(" - ")[1:]:
-        name, rest = line.split(": ", 1)
-        previous = None
-        for entry in rest.rstrip(".").split("; "):
-            model, gpus, fields = entry.split(" ", 2)
-            fields = previous if fields.rstrip(".") == "same" else fields.rstrip(".").split(", ")
-            processes, batch = (int(x) for x in gpus.rstrip(",").split("x"))
-            run = dict(processes=processes, batch_size=batch, epochs=int(fields[0]), lr=float(fields[1]),
-                       margin_loss_m2=float(fields[2]), output_dim=int(fields[3]))
-            if len(fields) > 4:
-                run["transform"] = fields[4]
-            runs[(datasets[name], "ViT-" + model.replace("@336", "@336px"))] = run
-            previous = fields
-    return runs
+    """The published scripts' settings (tests/fixtures/published_runs.json, with its source): (dataset, model) ->
+    processes, batch_size, epochs, lr, margin_loss_m2, output_dim and (where the script names it) transform."""
+    return {(run.pop("dataset"), run.pop("model")): run for run in _published_scripts()["runs"]}
+
+
+def _published_scripts() -> dict:
+    return json.loads((Path(__file__).parent / "fixtures" / "published_runs.json").read_text())
 
 
 def test_published_runs_are_the_reference_scripts() -> None:
@@ -395,7 +382,8 @@ def test_published_runs_are_the_reference_scripts() -> None:
     assert set(reference) == set(finetune.PUBLISHED_RUNS)
     for key, run in reference.items():
         assert {k: finetune.PUBLISHED_RUNS[key][k] for k in run} == run, key
-    assert finetune.PUBLISHED_COMMON["lr_pfc_weight"] == 10.0  # "the class centres get lr * lr_pfc_weight (10)"
+    common = _published_scripts()["common"]
+    assert {k: finetune.PUBLISHED_COMMON[k] for k in common} == common
 
 
 def test_published_flag_fills_in_what_the_command_line_leaves_out() -> None:
