@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["agrees_with_pil", "available", "decode", "dimensions", "header", "pil_opens", "read", "require",
-           "within_pil_limit"]
+__all__ = ["agrees_with_pil", "available", "decode", "dimensions", "header", "pil_opens", "probe_images", "read",
+           "require", "within_pil_limit"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def decode(data: bytes, out: np.ndarray | None = None) -> np.ndarray | None:
         return None
 
 
-def _probes() -> list[bytes]:
+def probe_images() -> list[bytes]:
     """Small JPEGs as cameras, PIL and libjpeg-turbo write them: every chroma subsampling, gray,
     progressive, odd sizes (partial MCUs at the edges), low and high quality."""
     rng = np.random.default_rng(0)
@@ -165,7 +165,7 @@ def agrees_with_pil() -> bool:
     """Whether TurboJPEG gives PIL's pixels on the probe images (checked once per process);
     False, with a warning, where they differ."""
     require()
-    for data in _probes():
+    for data in probe_images():
         with Image.open(io.BytesIO(data)) as image:
             expected = np.asarray(image.convert("RGB"))
         got = decode(data) if header(data) is not None else None
