@@ -58,19 +58,10 @@ class _Loader(DataLoader):
             yield images, torch.as_tensor(labels), torch.as_tensor(indices), torch.as_tensor(ok)
 
 
-def pipeline_loader(
-    dataset: ImageDataset,
-    pipeline: InputPipeline,
-    batch_size: int,
-    num_workers: int,
-    device: torch.device | str = "cpu",
-    rank: int | None = None,
-    world_size: int | None = None,
-    persistent_workers: bool = False,
-    prefetch_factor: int = 4,
-    normalize_in_workers: bool | None = None,
-    use_slots: bool | None = None,
-) -> DataLoader:
+def pipeline_loader(dataset: ImageDataset, pipeline: InputPipeline, batch_size: int, num_workers: int,
+                    device: torch.device | str = "cpu", rank: int | None = None, world_size: int | None = None,
+                    persistent_workers: bool = False, prefetch_factor: int = 4,
+                    normalize_in_workers: bool | None = None, use_slots: bool | None = None) -> DataLoader:
     """A DataLoader over this rank's contiguous shard of ``dataset``, loaded as ``pipeline`` says.
 
     Like :func:`unicom.data.loader.sharded_loader` (same shards, order and item indices), with
@@ -107,16 +98,9 @@ def pipeline_loader(
                    pin_memory=device.type == "cuda", drop_last=False, **workers)
 
 
-def embedding_loader(
-    dataset: ImageDataset,
-    decode: str,
-    batch_size: int,
-    num_workers: int,
-    device: torch.device | str = "cpu",
-    rank: int | None = None,
-    world_size: int | None = None,
-    loader_batch_size: int | None = None,
-) -> tuple[DataLoader, Callable | None]:
+def embedding_loader(dataset: ImageDataset, decode: str, batch_size: int, num_workers: int,
+                     device: torch.device | str = "cpu", rank: int | None = None, world_size: int | None = None,
+                     loader_batch_size: int | None = None) -> tuple[DataLoader, Callable | None]:
     """(loader, preprocess) to embed ``dataset`` with :func:`unicom.embed.embed_loader`.
 
     When the dataset's transform is the published eval or test transform, the ``decode``
