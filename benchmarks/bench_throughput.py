@@ -87,8 +87,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="images per worker batch in our pipelines (default: --batch or 64, whichever is smaller); "
                         "the model still runs on --batch images. The published pipeline loads --batch at once")
     p.add_argument("--slots", choices=("on", "off", "both"), default="on",
-                   help="our pipelines' shared-memory slot ring (unicom.data.slots): on (default), off, or both "
-                        "(each decode option twice)")
+                   help="our pipelines' shared-memory slot ring (unicom.data.pipelines.slots): on (default), off, "
+                        "or both (each decode option twice)")
     p.add_argument("--num-images", type=int, default=None, help="default 12000, 48 with --quick")
     p.add_argument("--image-size", default="500x375", help="WIDTHxHEIGHT of the synthetic JPEGs")
     p.add_argument("--precision", nargs="+", choices=list(PRECISIONS), default=None,
