@@ -2,7 +2,7 @@
 
 (i) Model alone, random weights, one batch size: ours (``unicom.VisionTransformer`` with
     SDPA) at each ``--precision`` (weights in that dtype, as ``load(precision=...)`` gives),
-    eager and ``torch.compile``d, against the published graph (``benchmarks/published_vit.py``,
+    eager and ``torch.compile``d, against the published graph (``tests/published_vit.py``,
     same weights, fp16 autocast as published on CUDA, fp32 on the CPU), timm's
     ``vit_base_patch32_clip_224`` and open_clip's ``ViT-B-32`` image tower (random weights, at
     the first ``--precision``). Images/s, ratios against the published graph, and each
@@ -10,7 +10,7 @@
 (ii) End to end: ``--num-images`` synthetic photographs (crops of scikit-learn's sample
     images with noise, ``--image-size``, JPEG quality 90) in a temporary folder, embedded by
     the published pipeline (float transform in DataLoader workers, no pinned memory, the
-    published graph) and by ours with every ``--decode`` option (``unicom.data.fast``), the
+    published graph) and by ours with every ``--decode`` option (``unicom.data.pipelines``), the
     model compiled when ``--compile``. Images/s with and without the model, ratios against
     the published pipeline (``--published-workers``, 8 as published; also with ``--workers``),
     and each option's deviation from the exact path: mean absolute pixel difference (0-255)
@@ -49,12 +49,12 @@ from PIL import Image
 import unicom
 from unicom import embed as embed_module
 from unicom.data import ImageDataset, sharded_loader
-from unicom.data.fast import DECODE_CHOICES, InputPipeline, normalize_on_device, pipeline_loader
+from unicom.data.pipelines import DECODE_CHOICES, make_pipeline, normalize_on_device, pipeline_loader
 from unicom.embed import embed_loader
 from unicom.transforms import eval_transform
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from published_vit import PublishedViT
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from published_vit import PublishedViT  # noqa: E402  (the published graph, which the tests check)
 
 # precision -> (weights dtype, autocast dtype): "fp16" is load(precision="fp16"), "amp-fp16" is
 # fp32 weights under autocast (the programs' --precision fp16)
@@ -87,8 +87,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="images per worker batch in our pipelines (default: --batch or 64, whichever is smaller); "
                         "the model still runs on --batch images. The published pipeline loads --batch at once")
     p.add_argument("--slots", choices=("on", "off", "both"), default="on",
-                   help="our pipelines' shared-memory slot ring (unicom.data.slots): on (default), off, or both "
-                        "(each decode option twice)")
+                   help="our pipelines' shared-memory slot ring (unicom.data.pipelines.slots): on (default), off, "
+                        "or both (each decode option twice)")
     p.add_argument("--num-images", type=int, default=None, help="default 12000, 48 with --quick")
     p.add_argument("--image-size", default="500x375", help="WIDTHxHEIGHT of the synthetic JPEGs")
     p.add_argument("--precision", nargs="+", choices=list(PRECISIONS), default=None,
@@ -367,8 +367,8 @@ def pixels_of(dataset, pipeline, count: int, args, device) -> torch.Tensor:
     subset = ImageDataset(dataset.samples[:count], dataset.labels[:count], dataset.transform)
     out = []
     loader = pipeline_loader(subset, pipeline, args.batch, min(args.workers, 2), device, normalize_in_workers=False)
-    for images, _, _, ok in loader:
-        out.append(pipeline.pixels(images, ok, device)[0])
+    for images, *_ in loader:
+        out.append(pipeline.pixels(images, device))
     return torch.cat(out)
 
 
@@ -415,7 +415,7 @@ def bench_e2e(args, device, model, folder: Path) -> list[dict]:
                      "ratio": speed / base, "exact": "yes"})
 
     count = min(len(paths), 256)
-    exact_pipeline = InputPipeline("exact", n_px=n)
+    exact_pipeline = make_pipeline("exact", n_px=n)
     exact_pixels = pixels_of(dataset, exact_pipeline, count, args, device)
     published_inputs = torch.stack([dataset[i][0] for i in range(count)]).to(device)
     identical = torch.equal(normalize_on_device(exact_pixels), published_inputs)
@@ -426,15 +426,13 @@ def bench_e2e(args, device, model, folder: Path) -> list[dict]:
     slot_settings = {"on": [None], "off": [False], "both": [None, False]}[args.slots]
     for decode in args.decode:
         for use_slots in slot_settings:
-            note = " (torchvision CPU decode)" if decode == "device-decode" and device.type != "cuda" else ""
-            if args.slots == "both":
-                note += " no slots" if use_slots is False else " slots"
-            pipeline = InputPipeline(decode, n_px=n)
+            note = (" no slots" if use_slots is False else " slots") if args.slots == "both" else ""
+            pipeline = make_pipeline(decode, n_px=n)
             try:
                 speed, input_only, loader_only, features = run_ours(dataset, pipeline, args, device, ours, amp,
                                                                     use_slots)
                 pixels = exact_pixels if decode == "exact" else pixels_of(dataset, pipeline, count, args, device)
-            except Exception as e:  # noqa: BLE001 - e.g. no nvJPEG: report and go on
+            except Exception as e:  # noqa: BLE001 - e.g. no simplejpeg: report and go on
                 print(f"  decode={decode}{note} failed: {type(e).__name__}: {e}")
                 continue
             if decode == "exact" and exact_features is None:

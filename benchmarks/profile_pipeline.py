@@ -5,10 +5,10 @@ and the loader alone. Complements ``bench_throughput`` (which times whole pipeli
     python -m benchmarks.profile_pipeline --count 128     # a quick look on the CPU
 
 (1) one process, per image (ms): the published float transform, and what each ``--decode``
-    option's workers do; (2) per batch of ``--batch`` images, in the main process (ms): pinning
-    and moving the batch to the device, and the device work (resize, nvJPEG decode), each
-    synchronised; (3) the DataLoader alone (workers, collation, pinning; no device work),
-    images/s; (4) whether torchvision's CPU decoder and TurboJPEG give PIL's pixels on these files.
+    option's workers do (load and lay out batches of ``--loader-batch``); (2) per batch of
+    ``--batch`` images, in the main process (ms): pinning and moving the batch to the device,
+    and the device work (the resize), each synchronised; (3) the DataLoader alone (workers,
+    pinning; no device work), images/s; (4) whether TurboJPEG gives PIL's pixels on these files.
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_throughput import write_photos  # noqa: E402
 
 from unicom.data import ImageDataset, sharded_loader  # noqa: E402
-from unicom.data import slots  # noqa: E402
-from unicom.data.fast import InputPipeline, pipeline_loader  # noqa: E402
+from unicom.data.pipelines import DECODE_CHOICES, jpeg, make_pipeline, pipeline_loader, slots  # noqa: E402
 from unicom.transforms import eval_transform  # noqa: E402
 
 
@@ -63,27 +62,23 @@ def main(argv=None) -> int:
 
         print(f"(1) per image, one process, {len(sample)} images of 500x375 (ms)")
         print(f"  published float transform   {_ms(lambda i: dataset[i], sample):6.2f}")
-        for decode in ("exact", "device-resize", "tv-decode", "turbo", "tv", "device-decode"):
-            wrapped = InputPipeline(decode).dataset(dataset)
-            print(f"  worker item, {decode:14s}  {_ms(lambda i, w=wrapped: w[i], sample):6.2f}")
-        wrapped = InputPipeline("device-resize").dataset(dataset)
-        items = [wrapped[i] for i in range(args.loader_batch)]
-        print(f"  collate of {args.loader_batch} (device-resize, per image) "
-              f"{_ms(lambda _: wrapped.collate(items), range(5)) / args.loader_batch:6.3f}")
+        chunks = [sample[i:i + args.loader_batch] for i in range(0, len(sample), args.loader_batch)]
+        for decode in DECODE_CHOICES:  # what a worker does: load and lay out a batch
+            pipeline = make_pipeline(decode)
+            per_batch = _ms(lambda chunk, p=pipeline: p.load_batch(dataset, chunk), chunks)
+            print(f"  worker batch, {decode:14s} {per_batch * len(chunks) / len(sample):6.2f}")
 
         print(f"\n(2) per batch of {args.batch} in the main process, on {device} (ms, synchronised)")
         if device.type != "cuda":
             print("  (skipped: the device work is for GPUs; on a CPU the exact resize replay costs more than PIL's)")
-        device_decodes = ("exact", "device-resize", "tv-decode", "turbo", "device-decode")
-        for decode in device_decodes if device.type == "cuda" else ():
-            pipeline = InputPipeline(decode)
-            wrapped = pipeline.dataset(dataset)
-            batch = wrapped.collate([wrapped[i] for i in range(min(args.batch, len(paths)))])
-            images, _, _, ok = batch
+        for decode in DECODE_CHOICES if device.type == "cuda" else ():
+            pipeline = make_pipeline(decode)
+            images, _, _, ok = pipeline.load_batch(dataset, range(min(args.batch, len(paths))))
+            ok = torch.as_tensor(ok)
             times = {"pin": [], "to_device": []}
             for _ in range(4):
                 start = time.perf_counter()
-                pinned = images.pin_memory() if device.type == "cuda" else images
+                pinned = images.pin_memory()
                 times["pin"].append(time.perf_counter() - start)
                 _sync(device)
                 start = time.perf_counter()
@@ -92,26 +87,14 @@ def main(argv=None) -> int:
                 times["to_device"].append(time.perf_counter() - start)
             line = "  ".join(f"{k} {1e3 * float(np.median(v)):7.1f}" for k, v in times.items())
             print(f"  {decode:14s} {line}")
-            if decode == "device-decode" and device.type == "cuda":
-                from torchvision.io import ImageReadMode, decode_jpeg
-
-                data = [x for x in images.items]
-                runs = []
-                for _ in range(4):
-                    _sync(device)
-                    start = time.perf_counter()
-                    decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-                    _sync(device)
-                    runs.append(time.perf_counter() - start)
-                print(f"  {'':14s} of which decode_jpeg alone {1e3 * float(np.median(runs)):7.1f}")
 
         print(f"\n(3) the DataLoader alone: {len(paths)} images, {args.workers} workers, batches of {args.loader_batch}"
               f" (images/s; the published float transform in the same DataLoader = 1.00x). First pass: a new"
               f" slot pool (made in the main process; {'pinned' if device.type == 'cuda' else 'not pinned'}) and"
               f" cold workers; second: the pool of the first pass reused")
         published = None
-        for decode in ("published", "exact", "device-resize", "tv-decode", "turbo", "tv", "device-decode"):
-            pipeline = InputPipeline(decode) if decode != "published" else None
+        for decode in ("published", *DECODE_CHOICES):
+            pipeline = make_pipeline(decode) if decode != "published" else None
             slots.clear()
             rates, setup, first = [], 0.0, 0.0
             for _ in range(2):
@@ -130,19 +113,9 @@ def main(argv=None) -> int:
             print(f"  {decode:14s} first {rates[0]:8.1f}  second {rates[1]:8.1f}  {rates[1] / published:5.2f}x"
                   f"  (making the loader: {1e3 * setup:6.1f} ms, first batch after {1e3 * first:6.1f} ms)")
 
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        from unicom.data import jpeg
-
-        same_tv = same_turbo = 0
-        for path in paths:
-            pil = np.asarray(Image.open(path).convert("RGB"))
-            data = Path(path).read_bytes()
-            tv = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-            same_tv += int(np.array_equal(pil, tv.permute(1, 2, 0).numpy()))
-            same_turbo += int(np.array_equal(pil, jpeg.decode(data)))
-        print(f"\n(4) PIL's pixels on {len(paths)} files: torchvision's CPU decoder on {same_tv}, "
-              f"TurboJPEG (simplejpeg, decode=turbo) on {same_turbo}")
+        same = sum(np.array_equal(np.asarray(Image.open(path).convert("RGB")), jpeg.decode(Path(path).read_bytes()))
+                   for path in paths)
+        print(f"\n(4) PIL's pixels on {len(paths)} files: TurboJPEG (simplejpeg, decode=turbo) on {same}")
     return 0
 
 

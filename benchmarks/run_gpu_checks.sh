@@ -41,7 +41,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run it if LIMIT_S fits in what is left
 
 # Issue 6: files on disk to embeddings (12,288 = 24 batches of 512, no ragged last batch).
 step e2e 300 python3 -m benchmarks.bench_throughput --skip-model --precision fp16 --no-compile \
-    --num-images 12288 --decode exact device-resize turbo tv-decode tv --json "$OUT/e2e.json"
+    --num-images 12288 --decode exact device-resize turbo --json "$OUT/e2e.json"
 # Where the input pipelines spend their time (per image, per batch, the loader alone).
 step profile 120 python3 -m benchmarks.profile_pipeline --count 2048
 # Issue 6: turbo with fewer workers than cores (the main process and the pinning thread need some).

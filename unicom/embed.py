@@ -69,7 +69,7 @@ def embed_loader(
     """Run ``model`` over a loader of ``(images, labels, indices, ok)`` batches on ``device``.
 
     ``preprocess(images, ok, device) -> (images, ok)`` turns a loader batch into model input on
-    ``device`` (e.g. :meth:`unicom.data.fast.InputPipeline.to_device`: uint8 pixels normalised
+    ``device`` (e.g. :meth:`unicom.data.pipelines.InputPipeline.to_device`: uint8 pixels normalised
     there); by default the images are moved as they are. Inputs are cast to the dtype of the
     model's weights (``load(..., precision="fp16")``). With ``batch_size``, loader batches
     (which may be smaller: many small batches keep every worker busy) are gathered on the

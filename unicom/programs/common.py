@@ -14,8 +14,7 @@ from typing import Callable
 import torch
 
 from .. import distributed as dist
-from ..data import jpeg
-from ..data.fast import DECODE_CHOICES, resolve_decode
+from ..data.pipelines import DECODE_CHOICES, jpeg, resolve_decode
 
 PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16")
 
@@ -87,10 +86,8 @@ def add_runtime_args(parser, compile: bool = True) -> None:
                         help="autocast precision for the forward pass; auto = fp16 on GPUs, fp32 on CPUs")
     parser.add_argument("--decode", default="auto", choices=("auto", *DECODE_CHOICES), type=_decode_option,
                         help="input pipeline: auto (default: device-resize on GPUs, exact on CPUs), exact and "
-                             "device-resize give the published pixels; turbo (pip install simplejpeg) and "
-                             "tv-decode give them wherever their libjpeg-turbo and Pillow's agree (turbo checks at "
-                             "start); draft, tv and device-decode (nvJPEG on GPUs) change "
-                             "pixels slightly (see the README)")
+                             "device-resize give the published pixels; turbo (pip install simplejpeg) gives them "
+                             "wherever its libjpeg-turbo and Pillow's agree, which it checks at start (see the README)")
     if compile:
         parser.add_argument("--compile", action="store_true",
                             help="torch.compile the model for embedding (GPUs: faster after a warm-up of a "

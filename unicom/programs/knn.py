@@ -20,7 +20,7 @@ import torch
 
 from .. import distributed as dist
 from ..data import load_image_folder
-from ..data.fast import embedding_loader
+from ..data.pipelines import embedding_loader
 from ..embed import Embeddings, embed_loader, gather_embeddings
 from ..factory import load
 from ..metrics import knn_topk, knn_vote_accuracy, merge_topk

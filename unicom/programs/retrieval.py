@@ -16,7 +16,7 @@ import torch
 
 from .. import distributed as dist
 from ..data import RetrievalDataset, load_retrieval_dataset
-from ..data.fast import embedding_loader
+from ..data.pipelines import embedding_loader
 from ..data.registry import available_datasets
 from ..embed import Embeddings, embed_loader, gather_embeddings
 from ..factory import load

@@ -1,6 +1,6 @@
 """JPEG decoding with libjpeg-turbo's TurboJPEG API (the optional ``simplejpeg`` package).
 
-``decode="turbo"`` pipelines decode JPEGs here instead of through PIL: the same library
+The ``turbo`` pipeline decodes JPEGs here instead of through PIL: the same library
 (Pillow's wheels bundle libjpeg-turbo too) with the same settings (accurate integer IDCT,
 smooth chroma upsampling), called without PIL's per-file Python machinery, releasing the GIL,
 and writing straight into a caller's buffer. Two builds of a library are not one definition,
@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["agrees_with_pil", "available", "decode", "dimensions", "header", "pil_opens", "require",
-           "within_pil_limit"]
+__all__ = ["agrees_with_pil", "available", "decode", "dimensions", "header", "pil_opens", "probe_images", "read",
+           "require", "within_pil_limit"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def within_pil_limit(data: bytes) -> bool:
 
 def pil_opens(data: bytes) -> bool:
     """Whether PIL's own marker parser accepts these JPEG bytes (``Image.open``: the headers, no
-    pixels; about 0.07 ms for a 500x375 photo). libjpeg-turbo skips header damage that PIL
+    pixels). libjpeg-turbo skips header damage that PIL
     refuses (a stray TEM marker, a short JFIF or ICC segment): other decoders get only files
     PIL opens, so such a file fails, or is skipped, as in the published path. Callers check
     :func:`within_pil_limit` first (PIL would warn about a bomb here)."""
@@ -100,10 +100,27 @@ def pil_opens(data: bytes) -> bool:
         return False
 
 
+def read(path: str) -> bytes | None:
+    """The file's bytes if it is a complete JPEG (SOI marker, EOI marker near the end) with a
+    frame header within PIL's pixel limit and headers PIL opens, else None (PIL's turn).
+
+    Truncated files go to PIL, which rejects them as ``ImageDataset`` does (other decoders may
+    silently decode what is there), and so do decompression bombs, which other decoders would
+    allocate whatever their header claims for, and headers PIL refuses but libjpeg-turbo skips.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    if data[:3] != b"\xff\xd8\xff" or b"\xff\xd9" not in data[-1024:] or not within_pil_limit(data):
+        return None
+    return data if pil_opens(data) else None
+
+
 def header(data: bytes) -> tuple[int, int] | None:
     """(height, width) of a JPEG this module decodes as PIL would, else None (PIL's turn).
-    Callers pass bytes that :func:`within_pil_limit` and :func:`pil_opens` accepted (the
-    pipelines do so for every decoder other than PIL's)."""
+    Callers pass bytes that :func:`read` accepted."""
     try:
         height, width, colorspace, _ = require().decode_jpeg_header(data)
     except ValueError:
@@ -120,7 +137,7 @@ def decode(data: bytes, out: np.ndarray | None = None) -> np.ndarray | None:
         return None
 
 
-def _probes() -> list[bytes]:
+def probe_images() -> list[bytes]:
     """Small JPEGs as cameras, PIL and libjpeg-turbo write them: every chroma subsampling, gray,
     progressive, odd sizes (partial MCUs at the edges), low and high quality."""
     rng = np.random.default_rng(0)
@@ -148,7 +165,7 @@ def agrees_with_pil() -> bool:
     """Whether TurboJPEG gives PIL's pixels on the probe images (checked once per process);
     False, with a warning, where they differ."""
     require()
-    for data in _probes():
+    for data in probe_images():
         with Image.open(io.BytesIO(data)) as image:
             expected = np.asarray(image.convert("RGB"))
         got = decode(data) if header(data) is not None else None

@@ -3,10 +3,9 @@
 A DataLoader worker returns each batch in a fresh shared-memory segment: the kernel zero-fills
 every page of it, the worker and the main process each fault it in, and a pinned copy is made
 before the transfer to the GPU. For a batch of decoded images that costs more than decoding
-them (measured: 34 ms to fill a fresh 36 MiB segment, 3 ms to refill a used one). A
-:class:`SlotPool` allocates a ring of segments once (pinned for CUDA where the driver allows);
-the worker of batch ``seq`` writes into slot ``seq % num_slots`` and returns only a small
-:class:`SlotRef`; the main process copies the slot to the device and lets it go.
+them. A :class:`SlotPool` allocates a ring of segments once (pinned for CUDA where the driver
+allows); the worker of batch ``seq`` writes into slot ``seq % num_slots`` and returns only a
+small :class:`SlotRef`; the main process copies the slot to the device and lets it go.
 
 Safety rests on two facts: a DataLoader has at most ``num_workers * prefetch_factor`` batches
 in flight and hands them out in order, so with more slots than that a slot is written again
@@ -15,10 +14,10 @@ of a slot finishes (host-synchronised) before :meth:`SlotPool.fetch` returns. Ba
 fetched in order, each before asking for the next; a slot overwritten too early is detected
 (each slot records the batch that last wrote it) and raises.
 
-Making a pool costs time in the main process (a 2 GiB pool: about a second to allocate the
-shared memory and page-lock it), so a finished loader gives its pool back (:func:`release`,
-once its workers are gone) and the next loader with the same needs takes it
-(:func:`acquire`): query then gallery, train then val, or pass after pass pay it once.
+Making a pool costs time in the main process (allocating the shared memory and page-locking
+it), so a finished loader gives its pool back (:func:`release`, once its workers are gone)
+and the next loader with the same needs takes it (:func:`acquire`): query then gallery, train
+then val, or pass after pass pay it once.
 """
 
 from __future__ import annotations
@@ -141,9 +140,9 @@ def _new_id() -> int:
 
 def acquire(num_slots: int, slot_bytes: int, pin: bool = False) -> SlotPool:
     """A pool of at least ``num_slots`` slots of ``slot_bytes``: an idle one given back by a
-    finished loader when one fits (no new shared memory to allocate, fault in and pin: for a
-    pool of 2 GiB that costs a second or more), else a new one. A reused pool gets a new id, so
-    batches of the loader that had it can no longer be fetched (:func:`pool_of` raises)."""
+    finished loader when one fits (no new shared memory to allocate, fault in and pin), else a
+    new one. A reused pool gets a new id, so batches of the loader that had it can no longer
+    be fetched (:func:`pool_of` raises)."""
     with _lock:
         fits = [p for p in _IDLE if len(p) >= num_slots and p.slot_bytes >= slot_bytes and p.pinned >= pin]
         if fits:
