@@ -68,7 +68,7 @@ def test_same_pixels_as_published_transform(photo, n_px, mode):
 
 
 def test_published_normalisation_constants():
-    assert tfm.MEAN == PUBLISHED_MEAN and STD == PUBLISHED_STD and MEAN == PUBLISHED_MEAN
+    assert (MEAN, STD) == (PUBLISHED_MEAN, PUBLISHED_STD)
     for transform in (eval_transform(224), tfm.test_transform(224)):
         normalize = transform.transforms[-1]
         assert tuple(normalize.mean) == PUBLISHED_MEAN and tuple(normalize.std) == PUBLISHED_STD
