@@ -182,7 +182,7 @@ def check_mutant(mutant: Mutant, root: Path) -> str:
 def run_pytest(copy: Path, tests: tuple[str, ...], timeout_s: float) -> tuple[str, float, list[str], str]:
     """(status, seconds, failed test ids, output tail) of ``pytest -x`` on ``tests`` in ``copy``."""
     env = dict(os.environ, PYTHONPATH=str(copy), PYTHONDONTWRITEBYTECODE="1")  # no stale bytecode between mutants
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-rf", *tests]
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-rfE", *tests]
     start = time.monotonic()
     # Its own session, so a timeout ends pytest and the processes it started (gloo workers), no others.
     process = subprocess.Popen(cmd, cwd=copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
