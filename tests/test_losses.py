@@ -47,7 +47,7 @@ def brute_force(
         labels = torch.searchsorted(classes, labels)
     cos = F.normalize(e, dim=1) @ F.normalize(w, dim=1).T
     onehot = F.one_hot(labels, cos.shape[1]).bool()
-    angle = m1 * torch.acos(cos) + m2
+    angle = m1 * torch.acos(cos.clamp(-1.0, 1.0)) + m2  # 1 + 1 ulp from rounding is 1
     assert (angle[onehot] < math.pi).all(), "test data must stay clear of the fallback"
     target = torch.cos(angle) - m3
     if gradient == "straight-through":
@@ -125,17 +125,55 @@ def test_margin_loss_straight_through_value_is_the_published_one_at_every_angle(
     torch.testing.assert_close(loss.target_logit(torch.cos(theta)), torch.cos(theta + 0.5) - 0.1)
 
 
+def reference_target_logit(cos: torch.Tensor, m1: float, m2: float, m3: float, gradient: str,
+                           eps: float) -> torch.Tensor:
+    """The true-class logit as CombinedMarginLoss documents it, in float64 (before the scale s).
+
+    straight-through: the value cos(m1 * theta + m2) - m3 (cosine clamped into [-1, 1]) with the
+    gradient of the cosine. exact: autograd through cos(m1 * theta + m2) - m3, theta = acos of the
+    cosine clamped into [-1 + eps, 1 - eps]; past theta* = (pi - m2) / m1 the logit continues as
+    cos(theta) - cos(theta*) - 1 - m3.
+    """
+    if m1 == 1.0 and m2 == 0.0:
+        return cos - m3
+    if gradient == "straight-through":
+        value = torch.cos(m1 * torch.acos(cos.clamp(-1.0, 1.0)) + m2) - m3
+        return cos + (value - cos).detach()
+    theta = torch.acos(cos.clamp(-1.0 + eps, 1.0 - eps))
+    theta_max = (math.pi - m2) / m1
+    logit = torch.cos(m1 * theta + m2)
+    if theta_max < math.pi:
+        logit = torch.where(theta <= theta_max, logit, cos - math.cos(theta_max) - 1.0)
+    return logit - m3
+
+
+# Tolerances against the float64 reference, relative to the scale s.
+EDGE_TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 4e-3}
+
+
 @pytest.mark.parametrize("gradient", ["straight-through", "exact"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
 @pytest.mark.parametrize("name", MARGINS)
-def test_margin_loss_finite_gradient_at_plus_minus_one(name: str, dtype: torch.dtype, gradient: str) -> None:
-    cos = torch.tensor([[1.0, 0.2], [-1.0, 0.3], [0.1, 1.0], [0.5, -1.0]], dtype=dtype)
-    cos.requires_grad_()
-    labels = torch.tensor([0, 0, 1, 1])
-    out = CombinedMarginLoss(**MARGINS[name], gradient=gradient)(cos, labels)
-    out.sum().backward()
-    assert torch.isfinite(out).all()
-    assert torch.isfinite(cos.grad).all()
+def test_margin_loss_at_plus_minus_one_matches_reference(name: str, dtype: torch.dtype, gradient: str) -> None:
+    """Values and gradients where acos has an infinite slope (true-class cosine exactly 1 or -1),
+    and at interior cosines, in every dtype, against the documented formula in float64."""
+    cfg = MARGINS[name]
+    rows = [[1.0, 0.2], [-1.0, 0.3], [0.1, 1.0], [0.5, -1.0], [0.625, 0.125], [0.25, -0.75]]
+    labels = torch.tensor([0, 0, 1, 1, 0, 1])
+    cos = torch.tensor(rows, dtype=dtype, requires_grad=True)
+    weights = torch.linspace(0.5, 1.5, cos.numel(), dtype=torch.float64).view(cos.shape)  # distinct per entry
+    out = CombinedMarginLoss(**cfg, gradient=gradient)(cos, labels)
+    (out * weights.to(dtype)).sum().backward()
+
+    ref_cos = cos.detach().double().requires_grad_()
+    onehot = F.one_hot(labels, 2).bool()
+    target = reference_target_logit(ref_cos, cfg["m1"], cfg["m2"], cfg["m3"], gradient, torch.finfo(dtype).eps)
+    ref = cfg["s"] * torch.where(onehot, target, ref_cos)
+    (ref * weights).sum().backward()
+    tol = EDGE_TOLERANCE[dtype] * cfg["s"]
+    assert out.dtype == dtype and torch.isfinite(cos.grad).all()
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=0, atol=tol)
+    torch.testing.assert_close(cos.grad.double(), ref_cos.grad, rtol=EDGE_TOLERANCE[dtype] * 4, atol=tol)
 
 
 def test_margin_loss_fallback_is_continuous_and_decreasing() -> None:
@@ -282,13 +320,21 @@ def test_partial_fc_half_embeddings_compute_in_float32() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_partial_fc_finite_gradients_when_embedding_is_its_centre(dtype: torch.dtype) -> None:
-    weight = torch.randn(4, 6, dtype=dtype)
+def test_partial_fc_when_embedding_is_its_centre_matches_brute_force(dtype: torch.dtype) -> None:
+    """cos = 1 (and 1 + 1 ulp after normalising) for the true class, -1 for a wrong one: the
+    published (straight-through, default) loss and its gradients, against float64."""
+    weight = torch.randn(4, 6, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(dtype)
     emb = torch.stack([weight[0], -weight[1], 3 * weight[2]])  # cos = 1, -1 (wrong class), 1
+    labels = torch.tensor([0, 2, 2])
     pfc = PartialFC(CombinedMarginLoss(), 6, 4).to(dtype)
     pfc.weight.data.copy_(weight)
-    loss, g_emb, g_w = run_pfc(pfc, emb, torch.tensor([0, 2, 2]))
-    assert torch.isfinite(loss) and torch.isfinite(g_emb).all() and torch.isfinite(g_w).all()
+    loss, g_emb, g_w = run_pfc(pfc, emb, labels)
+    ref_loss, ref_emb, ref_w = brute_force(emb, weight, labels, s=32.0, m1=1.0, m2=0.3, m3=0.0)
+    rtol, atol = (1e-10, 1e-12) if dtype == torch.float64 else (1e-4, 1e-5)
+    assert loss.dtype == g_emb.dtype == g_w.dtype == dtype
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=rtol, atol=atol)
+    torch.testing.assert_close(g_emb.double(), ref_emb, rtol=rtol, atol=atol)
+    torch.testing.assert_close(g_w.double(), ref_w, rtol=rtol, atol=atol)
 
 
 def test_partial_fc_init_and_validation() -> None:
@@ -305,7 +351,9 @@ def test_partial_fc_rejects_labels_out_of_range(bad: int) -> None:
     pfc = PartialFC(CombinedMarginLoss(), 8, 10)
     with pytest.raises(RuntimeError, match=r"labels must lie in \[0, 10\)"):
         pfc(torch.randn(3, 8), torch.tensor([0, bad, 9]))
-    assert torch.isfinite(pfc(torch.randn(3, 8), torch.tensor([0, 5, 9])))
+    emb, labels = torch.randn(3, 8), torch.tensor([0, 5, 9])  # the limits themselves are valid
+    ref_loss = brute_force(emb, pfc.weight, labels, s=32.0, m1=1.0, m2=0.3, m3=0.0)[0]
+    torch.testing.assert_close(pfc(emb, labels).double(), ref_loss, rtol=1e-5, atol=1e-6)
 
 
 # --- PartialFC, several processes -----------------------------------------------------

@@ -1,4 +1,9 @@
-"""The eval transform on real photos (scikit-learn's bundled samples) and every PIL mode."""
+"""The eval transform on real photos (scikit-learn's bundled samples) and every PIL mode.
+
+The expected pixels never come from the module's own constants: the published mean and std
+are written out here, and the reference pipeline (Pillow bicubic resize, torchvision's crop
+offsets, float64 normalisation in numpy) is written in this file.
+"""
 
 import numpy as np
 import pytest
@@ -9,6 +14,32 @@ from torchvision import transforms as T
 
 from unicom import transforms as tfm
 from unicom.transforms import MEAN, STD, eval_transform, to_rgb, train_transform
+
+
+# The published CLIP normalisation, channel order R, G, B (UPSTREAM.md, "Preprocessing").
+PUBLISHED_MEAN = (0.48145466, 0.4578275, 0.40821073)
+PUBLISHED_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def reference_pixels(rgb: np.ndarray, n_px: int, resize: int | None = None) -> np.ndarray:
+    """The published eval transform of an (H, W, 3) uint8 array in float64, (3, n_px, n_px):
+    bicubic resize of the shorter side to ``resize`` (default n_px; the longer side truncated
+    as torchvision does), centre crop with torchvision's offsets, /255, normalise."""
+    resize = n_px if resize is None else resize
+    h, w = rgb.shape[:2]
+    size = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)  # (width, height)
+    resized = np.asarray(Image.fromarray(rgb, "RGB").resize(size, Image.Resampling.BICUBIC), dtype=np.float64)
+    top, left = int(round((size[1] - n_px) / 2.0)), int(round((size[0] - n_px) / 2.0))
+    crop = resized[top : top + n_px, left : left + n_px]
+    return ((crop / 255.0 - np.array(PUBLISHED_MEAN)) / np.array(PUBLISHED_STD)).transpose(2, 0, 1)
+
+
+def small_image(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A deterministic (height, width, 3) uint8 picture: a different gradient per channel plus noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    smooth = np.stack([xx * 255 / width, yy * 255 / height, (xx + yy) * 127 / (width + height)], axis=-1)
+    return np.clip(smooth + rng.integers(-40, 41, (height, width, 3)), 0, 255).astype(np.uint8)
 
 
 @pytest.fixture(scope="module", params=["china.jpg", "flower.jpg"])
@@ -23,7 +54,7 @@ def published_pipeline(n_px: int) -> T.Compose:
         T.CenterCrop(n_px),
         lambda image: image.convert("RGB"),
         T.ToTensor(),
-        T.Normalize(MEAN, STD),
+        T.Normalize(PUBLISHED_MEAN, PUBLISHED_STD),
     ])
 
 
@@ -36,11 +67,97 @@ def test_same_pixels_as_published_transform(photo, n_px, mode):
     torch.testing.assert_close(out, published_pipeline(n_px)(image), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "CMYK", "1", "I", "F"])
-def test_every_pil_mode_gives_rgb_tensor(photo, mode):
-    image = photo.convert(mode)
-    out = eval_transform(224)(image)
-    assert out.shape == (3, 224, 224) and torch.isfinite(out).all()
+def test_published_normalisation_constants():
+    assert (MEAN, STD) == (PUBLISHED_MEAN, PUBLISHED_STD)
+    for transform in (eval_transform(224), tfm.test_transform(224)):
+        normalize = transform.transforms[-1]
+        assert tuple(normalize.mean) == PUBLISHED_MEAN and tuple(normalize.std) == PUBLISHED_STD
+    timm_normalize = [t for t in train_transform(32, "timm").transforms[1].transforms if isinstance(t, T.Normalize)]
+    assert len(timm_normalize) == 1
+    # timm keeps them as float32 tensors
+    np.testing.assert_allclose(np.asarray(timm_normalize[0].mean, dtype=np.float64), PUBLISHED_MEAN, rtol=1e-7)
+    np.testing.assert_allclose(np.asarray(timm_normalize[0].std, dtype=np.float64), PUBLISHED_STD, rtol=1e-7)
+
+
+def test_uniform_colours_give_the_published_values():
+    """Bicubic resizing keeps a uniform image uniform: the output is (c / 255 - mean) / std per
+    channel, written out here by hand (R, G, B order)."""
+    for colour, expected in (
+        ((255, 0, 128), (1.930336254158794, -1.7520971281645974, 0.33994864299551714)),
+        ((0, 255, 64), (-1.79226253374815, 2.0748838377332515, -0.5701355628940245)),
+    ):
+        out = eval_transform(16)(Image.new("RGB", (37, 23), colour))
+        assert out.shape == (3, 16, 16)
+        want = torch.tensor(expected, dtype=torch.float32)[:, None, None].expand(3, 16, 16)
+        torch.testing.assert_close(out, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("width,height,n_px", [(45, 31, 16), (30, 50, 20), (24, 24, 24), (64, 48, 24)])
+def test_small_image_matches_independent_reference(width, height, n_px):
+    """Landscape (odd crop margin), portrait (torchvision rounds 6.5 to 6), square with no
+    resize, and a downscale: against the float64 pipeline written above."""
+    rgb = small_image(width, height)
+    out = eval_transform(n_px)(Image.fromarray(rgb))
+    assert out.shape == (3, n_px, n_px) and out.dtype == torch.float32
+    np.testing.assert_allclose(out.double().numpy(), reference_pixels(rgb, n_px), rtol=0, atol=2e-6)
+    # the timm choice at test time: resize to int(n_px / 0.875) first
+    out = tfm.test_transform(n_px)(Image.fromarray(rgb))
+    np.testing.assert_allclose(out.double().numpy(), reference_pixels(rgb, n_px, int(n_px / 0.875)), rtol=0, atol=2e-6)
+
+
+def _palette_image(rng: np.random.Generator, shape: tuple, transparency: bool) -> tuple[Image.Image, np.ndarray]:
+    palette = rng.integers(0, 256, (256, 3), dtype=np.uint8)
+    index = rng.integers(0, 256, shape, dtype=np.uint8)
+    image = Image.fromarray(index, "P")
+    image.putpalette(palette.tobytes())
+    if transparency:
+        image.info["transparency"] = int(index[0, 0])  # a transparent colour keeps its RGB value
+    return image, palette[index]
+
+
+def mode_image(mode: str, seed: int = 1) -> tuple[Image.Image, np.ndarray]:
+    """An image in ``mode`` and its 8-bit RGB pixels by the rule written here (not by to_rgb):
+    Pillow's convert("RGB") for 8-bit modes (alpha dropped, grey repeated, CMYK as
+    (255 - C)(255 - K) / 255 rounded), 16-bit integers scaled by 255 / 65535 and floats by
+    255, rounded, then clipped to 0-255."""
+    rng = np.random.default_rng(seed)
+    shape = (27, 35)
+    if mode == "RGBA":
+        array = rng.integers(0, 256, (*shape, 4), dtype=np.uint8)
+        return Image.fromarray(array, "RGBA"), array[..., :3]
+    if mode == "LA":
+        array = rng.integers(0, 256, (*shape, 2), dtype=np.uint8)
+        return Image.fromarray(array, "LA"), np.repeat(array[..., :1], 3, axis=2)
+    if mode == "CMYK":
+        array = rng.integers(0, 256, (*shape, 4), dtype=np.uint8)
+        cmy, k = array[..., :3].astype(np.float64), array[..., 3:].astype(np.float64)
+        return Image.fromarray(array, "CMYK"), np.rint((255 - cmy) * (255 - k) / 255).astype(np.uint8)
+    if mode == "1":
+        bits = rng.random(shape) < 0.5
+        return Image.fromarray(bits), np.repeat(bits[..., None] * np.uint8(255), 3, axis=2)
+    if mode == "I":  # how Pillow opens 16-bit PNG / PGM / TIFF; beyond 0-65535 clips
+        values = rng.integers(-3000, 70000, shape).astype(np.int32)
+        grey = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(values, "I"), np.repeat(grey[..., None], 3, axis=2)
+    if mode == "F":  # floats are 0-1; beyond clips
+        values = (rng.random(shape) * 1.4 - 0.2).astype(np.float32)
+        grey = np.clip(np.rint(values.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(values, "F"), np.repeat(grey[..., None], 3, axis=2)
+    if mode in ("P", "PA"):
+        return _palette_image(rng, shape, transparency=mode == "PA")
+    raise AssertionError(mode)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "PA", "CMYK", "1", "I", "F"])
+def test_every_pil_mode_gives_the_documented_rgb_pixels(mode):
+    """PA: a palette image with a transparent index."""
+    image, rgb = mode_image(mode)
+    assert image.mode == ("P" if mode == "PA" else mode)
+    converted = to_rgb(image)
+    assert converted.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(converted), rgb)
+    out = eval_transform(16)(image)
+    np.testing.assert_allclose(out.double().numpy(), reference_pixels(rgb, 16), rtol=0, atol=2e-6)
 
 
 def test_palette_keeps_colours(photo):
