@@ -224,14 +224,11 @@ def _jpegs(rng: np.random.Generator) -> list[bytes]:
 
 def _image_check(path: Path, strict: bool):
     """Decode one file as the evaluation does: (pixels or None, flagged reason or None, error)."""
-    from unicom.data.image import ImageDataset
+    from unicom.data import image
 
-    dataset = ImageDataset([str(path)], [0])
-    scan = getattr(dataset, "check_jpegs", None)
-    flagged = None
-    if scan is not None:
-        found = scan(strict=strict)
-        flagged = next(iter(found.values()), None)
+    dataset = image.ImageDataset([str(path)], [0])
+    check = getattr(image, "check_jpegs", None)  # absent before the checks existed
+    flagged = next(iter(check(dataset, strict=strict).values()), None) if check is not None else None
     return np.asarray(dataset.load_image(0)), flagged
 
 
@@ -243,9 +240,14 @@ def fuzz_images(work: Path, rng: random.Random, n: int) -> list[dict]:
         clean = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
         scan_start = data.index(b"\xff\xda") + 20
         for _ in range(n):
-            kind = rng.choice(("flip", "flip", "overwrite", "truncate", "insert"))
+            kind = rng.choice(("flip", "flip", "overwrite", "truncate", "insert", "header"))
             i = rng.randrange(scan_start, len(data) - 2)
-            if kind == "flip":
+            if kind == "header":  # a flipped bit before the scan: frame size, tables, markers
+                i = rng.randrange(2, scan_start - 20)
+                mutated = data[:i] + bytes([data[i] ^ (1 << rng.randrange(8))]) + data[i + 1:]
+            if kind == "header":
+                pass
+            elif kind == "flip":
                 mutated = data[:i] + bytes([data[i] ^ (1 << rng.randrange(8))]) + data[i + 1:]
             elif kind == "overwrite":
                 mutated = data[:i] + bytes(rng.randrange(256) for _ in range(8)) + data[i + 8:]
@@ -543,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=("checkpoints", "images", "folders", "downloads", "flags"),
                         default=("checkpoints", "images", "folders", "downloads", "flags"))
     parser.add_argument("--checkpoint-cases", type=int, default=150, help="mutations per checkpoint format")
-    parser.add_argument("--image-cases", type=int, default=25, help="mutations per base JPEG")
+    parser.add_argument("--image-cases", type=int, default=40, help="mutations per base JPEG")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write every case with its outcome here")
     parser.add_argument("--show", nargs="*", default=("traceback", "silent", "hang", "unclear"),

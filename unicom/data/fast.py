@@ -68,7 +68,7 @@ from torchvision.transforms.v2 import functional as TF
 from ..distributed import shard_range
 from ..transforms import MEAN, STD, ToRGB, to_rgb
 from . import jpeg, slots
-from .image import _DECODE_ERRORS, BadImageError, ImageDataset
+from .image import _DECODE_ERRORS, BadImageError, ImageDataset, open_image_file
 from .loader import sharded_loader
 
 __all__ = [
@@ -520,7 +520,7 @@ def _jpeg_bytes(path: str) -> bytes | None:
     nvJPEG skip over (the published path fails or skips those files).
     """
     try:
-        with open(path, "rb") as f:
+        with open_image_file(path) as f:  # a FIFO or folder is PIL's to refuse
             data = f.read()
     except OSError:
         return None
@@ -633,7 +633,7 @@ class _PipelineDataset(Dataset):
         if isinstance(sample, (Image.Image, np.ndarray)):
             return self.base.load_image(index)
         try:
-            with Image.open(sample) as image:
+            with open_image_file(sample) as f, Image.open(f) as image:
                 w, h = image.size
                 want = self.pipeline.resize * self.pipeline.draft_factor
                 if min(w, h) >= 2 * want:  # JPEG only (others ignore draft): decode at 1/2, 1/4 or 1/8
@@ -652,7 +652,8 @@ class _PipelineDataset(Dataset):
             pixels = jpeg.decode(source[0]) if source is not None else None
             if pixels is not None:
                 return torch.from_numpy(pixels), label, index, True
-        elif decode in ("tv", "device-decode", "tv-decode") and not isinstance(sample, (Image.Image, np.ndarray)):
+        elif (decode in ("tv", "device-decode", "tv-decode") and not isinstance(sample, (Image.Image, np.ndarray))
+              and index not in self.base.rejected):  # a damaged JPEG refused by strict checks: PIL's turn
             data = _jpeg_bytes(self.base.paths[index])
             if data is not None:
                 encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -956,7 +957,7 @@ def _image_allowance(dataset: ImageDataset, samples: int = 32, margin: float = 1
             elif isinstance(sample, Image.Image):
                 w, h = sample.size
             else:
-                with Image.open(sample) as image:
+                with open_image_file(sample) as f, Image.open(f) as image:
                     w, h = image.size
         except _DECODE_ERRORS:  # unreadable or refused: the loader reports it; plan generously
             return _IMAGE_ALLOWANCE
