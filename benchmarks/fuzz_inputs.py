@@ -270,8 +270,9 @@ def fuzz_images(work: Path, rng: random.Random, n: int) -> list[dict]:
                 else:
                     same = pixels.shape == clean.shape and np.array_equal(pixels, clean)
                     outcome = "flagged" if flagged else ("ok" if same else "silent")
-                    detail = flagged or ("" if same else f"shape {pixels.shape}, max diff "
-                                         f"{np.abs(pixels.astype(int) - clean.astype(int)).max() if pixels.shape == clean.shape else '-'}")
+                    diff = (np.abs(pixels.astype(int) - clean.astype(int)).max()
+                            if pixels.shape == clean.shape else "-")
+                    detail = flagged or ("" if same else f"shape {pixels.shape}, max diff {diff}")
                 cases.append(dict(cls=f"image/{'strict' if strict else 'default'}", case=f"jpeg{b}:{kind}@{i}",
                                   outcome=outcome, detail=detail[:300]))
     return cases
