@@ -9,10 +9,13 @@ a checkpoint written by :func:`save_model` records its config and loads exactly.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
 import pickle
+import re
+import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -64,14 +67,32 @@ def _one_line(error: BaseException | str) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-_BOILERPLATE = ("Weights only load failed", "Check the documentation", "Please file an issue", "In PyTorch 2.6")
-
-
 def _torch_reason(error: BaseException) -> str:
     """What went wrong, in one line, without torch's multi-line advice about ``weights_only``."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    kept = [line for line in lines if not line.startswith(_BOILERPLATE)]
+    text = str(error)
+    m = re.search(r"WeightsUnpickler error:(.*?)(Check the documentation|$)", text, re.DOTALL)
+    if m is not None and m.group(1).strip():
+        return _one_line(m.group(1))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    kept = [line for line in lines if not line.startswith(("Weights only load failed", "Check the documentation"))]
     return _one_line(" ".join(kept or lines) or type(error).__name__)
+
+
+def _names_code(message: str) -> bool:
+    """Whether the global a weights-only load refused names code that exists: ``posix.system`` is
+    a pickle that wants to run it; ``cnllections.OrderedDict`` (a flipped bit) is damage."""
+    m = re.search(r"GLOBAL (.*?) (was not an allowed global|whose module)", message, re.DOTALL)
+    if m is None:
+        return True
+    module, _, attribute = m.group(1).rpartition(".")
+    if not all(part.isidentifier() for part in (*module.split("."), attribute)):
+        return False  # not a name Python code could have
+    if module in sys.modules:
+        return hasattr(sys.modules[module], attribute)
+    try:  # the top-level package only: looked up, never imported
+        return importlib.util.find_spec(module.split(".")[0] or attribute) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _damaged(path: Path, detail: str) -> CheckpointError:
@@ -79,9 +100,9 @@ def _damaged(path: Path, detail: str) -> CheckpointError:
                            "Delete it and download or save it again.")
 
 
-# What torch's weights-only unpickler says about code it refuses to run; anything else it
-# raises means the pickle itself is broken.
-_UNSAFE_MARKERS = ("Unsupported global", "unsupported GLOBAL", "Can only create new object", "Can only build")
+# What torch's weights-only unpickler says about code it refuses to run (a pickle reaches code
+# through a GLOBAL first); anything else it raises means the pickle itself is broken.
+_UNSAFE_MARKERS = ("Unsupported global", "unsupported GLOBAL")
 
 _INTEGRITY_KEY = "unicom_sha256"  # safetensors metadata written by save_model
 _CONFIG_KEY = "unicom_config"
@@ -149,7 +170,8 @@ def _read_file(path: Path, verify: bool = True) -> tuple[Any, dict[str, str]]:
         raise
     except Exception as e:  # noqa: BLE001 - a damaged pickle fails inside torch in many ways
         message = _torch_reason(e)
-        if isinstance(e, pickle.UnpicklingError) and any(m in message for m in _UNSAFE_MARKERS):
+        if (isinstance(e, pickle.UnpicklingError) and any(m in str(e) for m in _UNSAFE_MARKERS)
+                and _names_code(str(e))):
             raise CheckpointError(
                 f"Refusing to load {path}: unsafe, it contains pickled Python objects beyond tensors, which could "
                 "run arbitrary code. Only plain tensor checkpoints (a state dict) or .safetensors files are "
