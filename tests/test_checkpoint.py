@@ -279,6 +279,7 @@ def _read_outcome(path):
     return "ok"
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # a flipped protocol byte
 def test_every_damaged_legacy_header_is_a_checkpoint_error(tmp_path, caplog):
     """Flipped bits across the pickles of a legacy file: unpickler failures of every kind (IndexError,
     UnicodeDecodeError, AssertionError, ...) are one-line CheckpointErrors, never tracebacks."""

@@ -52,10 +52,11 @@ def scan_files(folder: str | os.PathLike, accept: Callable[[str], bool] = _is_im
     while stack:
         current = stack.pop()
         try:
-            entries = sorted(os.scandir(current), key=lambda e: e.name, reverse=True)
+            entries = sorted(os.scandir(current), key=lambda e: e.name)
         except OSError:
             left_out["unreadable folder"] += 1
             continue
+        folders = []  # visited after this folder's files, in sorted order
         for entry in entries:
             try:
                 info = os.stat(entry.path)  # follows links
@@ -69,7 +70,7 @@ def scan_files(folder: str | os.PathLike, accept: Callable[[str], bool] = _is_im
                     left_out["folder seen before (a link cycle or a second link)"] += 1
                 else:
                     seen.add(key)
-                    stack.append(entry.path)
+                    folders.append(entry.path)
             elif accept(entry.name):
                 if not stat.S_ISREG(info.st_mode):
                     left_out["not a regular file (FIFO, socket or device)"] += 1
@@ -78,6 +79,7 @@ def scan_files(folder: str | os.PathLike, accept: Callable[[str], bool] = _is_im
                 else:
                     seen.add(key)
                     found.append((current, entry.name))
+        stack += reversed(folders)
     return [os.path.join(d, f) for d, f in sorted(found)]
 
 
