@@ -33,7 +33,8 @@ from ..embed import autocast_for
 from ..factory import load
 from ..losses import MARGIN_GRADIENTS, CombinedMarginLoss, PartialFC
 from ..transforms import test_transform, train_transform
-from .common import fraction, non_negative_float, non_negative_int, positive_int, resolve_precision, write_json
+from .common import (check_images, fraction, non_negative_float, non_negative_int, positive_int, resolve_precision,
+                     write_json)
 
 logger = logging.getLogger("unicom.finetune")
 
@@ -379,6 +380,7 @@ def train(args, device: torch.device) -> int:
         tf_train = tf_test = train_transform(n_px, "origin_clip")
     train_data = load_retrieval_dataset(args.dataset, args.data_root, "train", tf_train, args.skip_bad_images)
     test_data = load_retrieval_dataset(args.dataset, args.data_root, "test", tf_test, args.skip_bad_images)
+    damaged = check_images([train_data.query, test_data.query, test_data.gallery], args.strict_images)
 
     model = model.to(device).train()
     if dist.get_world_size() > 1 and device.type == "cuda":
@@ -466,7 +468,7 @@ def train(args, device: torch.device) -> int:
             record = report(result, test_data, args)
             record.update(epoch=args.epochs, best_recall_at_1=100.0 * best)
     if dist.is_main_process():
-        write_json({**record, "settings": settings(args)}, output / "results.json")
+        write_json({**record, **damaged, "settings": settings(args)}, output / "results.json")
     dist.barrier()
     return 0
 

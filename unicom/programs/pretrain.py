@@ -52,8 +52,8 @@ from ..losses import CombinedMarginLoss, PartialFC
 from ..model import VisionTransformer
 from ..pretrain.dataset import InMemoryReader, PseudoLabels, PseudoLabelStream, ShardReader
 from ..transforms import eval_transform, train_transform
-from .common import (add_runtime_args, non_negative_int, output_dir, positive_int, resolve_precision, seed,
-                     setup_logging, write_json)
+from .common import (add_runtime_args, check_images, non_negative_int, output_dir, positive_int, resolve_precision,
+                     seed, setup_logging, write_json)
 from .finetune import (
     CHECKPOINTS,
     StepLogger,
@@ -275,6 +275,7 @@ def train(args, device: torch.device) -> int:
     if args.eval_dataset:
         test_data = load_retrieval_dataset(args.eval_dataset, args.data_root, "test", eval_transform(n_px),
                                            args.skip_bad_images)
+        check_images([test_data.query, test_data.gallery], args.strict_images)
 
     samples = args.samples_per_epoch or labels.num_samples
     micro_per_epoch = samples // (world * args.batch_size)
