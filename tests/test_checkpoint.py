@@ -201,6 +201,8 @@ def test_unknown_name_lists_models_and_closest(tmp_path):
     assert "Did you mean 'ViT-L/14@336px'" in message
     with pytest.raises(IsADirectoryError):
         unicom.load(tmp_path, device="cpu")
+    with pytest.raises(ValueError, match="empty string"):  # not ". is a directory"
+        unicom.load("", device="cpu")
 
 
 @pytest.mark.parametrize("precision,dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16),

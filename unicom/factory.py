@@ -50,6 +50,8 @@ def _weights_file(
 
         entry = REGISTRY[name_or_path]
         return Path(download(entry.url, entry.sha256, root=download_root)), entry.config
+    if not str(name_or_path).strip():  # Path("") is the current folder
+        raise ValueError(f"expected a model name ({', '.join(REGISTRY)}) or a checkpoint path, got an empty string")
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path, None
