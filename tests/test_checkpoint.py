@@ -71,6 +71,11 @@ def test_module_prefix_and_training_checkpoint_layout(tmp_path, x):
     torch.testing.assert_close(embed(loaded, x), embed(model, x), rtol=0, atol=0)
 
 
+class _Print:
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
 class _Exploit:
     def __reduce__(self):
         import os
@@ -89,8 +94,13 @@ def test_pickled_code_is_refused_and_never_run(tmp_path, monkeypatch):
     # A raw pickle that is not a torch file at all is refused the same way.
     raw = tmp_path / "raw.pt"
     raw.write_bytes(pickle.dumps(_Exploit()))
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint: a Python pickle"):
         read_checkpoint(raw)
+    builtin = tmp_path / "builtin.pt"
+    torch.save({"pos_embed": torch.zeros(1), "payload": _Print()}, builtin)
+    with pytest.raises(CheckpointError, match="unsafe") as error:
+        read_checkpoint(builtin)
+    assert "\n" not in str(error.value) and "builtin.pt" in str(error.value)
     assert not (tmp_path / "EXPLOITED").exists()
 
 

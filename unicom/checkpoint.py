@@ -70,7 +70,7 @@ def _one_line(error: BaseException | str) -> str:
 def _torch_reason(error: BaseException) -> str:
     """What went wrong, in one line, without torch's multi-line advice about ``weights_only``."""
     text = str(error)
-    m = re.search(r"WeightsUnpickler error:(.*?)(Check the documentation|$)", text, re.DOTALL)
+    m = re.search(r"WeightsUnpickler error:(.*?)(Please use `torch|Check the documentation|$)", text, re.DOTALL)
     if m is not None and m.group(1).strip():
         return _one_line(m.group(1))
     lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -85,6 +85,7 @@ def _names_code(message: str) -> bool:
     if m is None:
         return True
     module, _, attribute = m.group(1).rpartition(".")
+    module = module or "builtins"  # GLOBAL print
     if not all(part.isidentifier() for part in (*module.split("."), attribute)):
         return False  # not a name Python code could have
     if module in sys.modules:
@@ -104,6 +105,8 @@ def _damaged(path: Path, detail: str) -> CheckpointError:
 # through a GLOBAL first); anything else it raises means the pickle itself is broken.
 _UNSAFE_MARKERS = ("Unsupported global", "unsupported GLOBAL")
 
+# torch.save's legacy (non-zip) files start with this pickled magic number.
+_LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."
 _INTEGRITY_KEY = "unicom_sha256"  # safetensors metadata written by save_model
 _CONFIG_KEY = "unicom_config"
 
@@ -153,7 +156,15 @@ def _read_file(path: Path, verify: bool = True) -> tuple[Any, dict[str, str]]:
     elif zipfile.is_zipfile(path):  # a zip directory at the end, but other bytes at the start
         raise _damaged(path, f"a zip archive with other bytes in front of it (it starts with {head!r}, "
                              "not the zip signature)")
-    elif head.startswith(b"\x80"):  # torch's legacy format is a pickle (protocol 2+)
+    elif head.startswith(b"\x80"):  # a pickle: torch's legacy format starts with its magic number
+        with open(path, "rb") as f:
+            start = f.read(len(_LEGACY_MAGIC))
+        flipped = sum(bin(a ^ b).count("1") for a, b in zip(start, _LEGACY_MAGIC))
+        if flipped > 2:  # a few flipped bits are damage; more is another kind of pickle
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint: a Python pickle that torch.save did not write "
+                                  "(refused unread: unpickling it could run code)")
+        if len(start) < len(_LEGACY_MAGIC):
+            raise _damaged(path, "a legacy torch file cut short")
         if verify:
             logger.warning("%s is in torch's legacy (non-zip) format, which carries no checksum: damage to "
                            "its weights cannot be detected (check it against a known SHA256, or re-save it "
