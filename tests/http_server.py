@@ -25,9 +25,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 #   wrong         serve `wrong` bytes instead of the file (Range honoured)
 #   slow          send headers, then stall `delay` seconds before the body
 #   slow_stream   good, but each 64 KiB block is followed by a `delay` second pause
+#   trickle       good, but one byte every `delay` seconds: each read answers in time, the
+#                 transfer as a whole makes (almost) no progress
 #   404 / 500     that HTTP status
 BEHAVIOURS = ("good", "ignore_range", "truncate", "drop_once", "wrong", "slow", "slow_stream",
-              "404", "500")
+              "trickle", "404", "500")
 
 
 @dataclass
@@ -111,15 +113,22 @@ class _Handler(BaseHTTPRequestHandler):
             for i in range(0, len(body), 1 << 16):
                 self._send(body[i : i + (1 << 16)])
                 time.sleep(route.delay)
+        elif route.behaviour == "trickle":
+            for i in range(len(body)):
+                if not self._send(body[i : i + 1]):
+                    return
+                time.sleep(route.delay)
         else:
             self._send(body)
 
-    def _send(self, payload: bytes) -> None:
+    def _send(self, payload: bytes) -> bool:
+        """Send ``payload``; False when the client has gone (e.g. its timeout fired)."""
         try:
             self.wfile.write(payload)
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up (e.g. its timeout fired); nothing to do
+            return False
+        return True
 
 
 class FileServer:

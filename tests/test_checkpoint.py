@@ -71,6 +71,11 @@ def test_module_prefix_and_training_checkpoint_layout(tmp_path, x):
     torch.testing.assert_close(embed(loaded, x), embed(model, x), rtol=0, atol=0)
 
 
+class _Print:
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
 class _Exploit:
     def __reduce__(self):
         import os
@@ -89,8 +94,13 @@ def test_pickled_code_is_refused_and_never_run(tmp_path, monkeypatch):
     # A raw pickle that is not a torch file at all is refused the same way.
     raw = tmp_path / "raw.pt"
     raw.write_bytes(pickle.dumps(_Exploit()))
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint: a Python pickle"):
         read_checkpoint(raw)
+    builtin = tmp_path / "builtin.pt"
+    torch.save({"pos_embed": torch.zeros(1), "payload": _Print()}, builtin)
+    with pytest.raises(CheckpointError, match="unsafe") as error:
+        read_checkpoint(builtin)
+    assert "\n" not in str(error.value) and "builtin.pt" in str(error.value)
     assert not (tmp_path / "EXPLOITED").exists()
 
 
@@ -201,6 +211,8 @@ def test_unknown_name_lists_models_and_closest(tmp_path):
     assert "Did you mean 'ViT-L/14@336px'" in message
     with pytest.raises(IsADirectoryError):
         unicom.load(tmp_path, device="cpu")
+    with pytest.raises(ValueError, match="empty string"):  # not ". is a directory"
+        unicom.load("", device="cpu")
 
 
 @pytest.mark.parametrize("precision,dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16),
@@ -227,3 +239,103 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
         save_model(small_model(depth=1), path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+# ---- integrity: damage is an error (or, where it cannot be checked, a warning), never other weights
+
+
+def _flip(data: bytes, i: int, bit: int = 0) -> bytes:
+    return data[:i] + bytes([data[i] ^ (1 << bit)]) + data[i + 1:]
+
+
+def test_safetensors_written_by_save_model_are_checked(tmp_path, x):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "m.safetensors"
+    save_model(small_model(), path)
+    data = path.read_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")
+    for i in (header + 5, len(data) // 2, len(data) - 3):  # inside the first, a middle and the last tensor
+        (tmp_path / "bad.safetensors").write_bytes(_flip(data, i, 3))
+        with pytest.raises(CheckpointError, match=r"bad\.safetensors is damaged .*SHA-256"):
+            unicom.load(tmp_path / "bad.safetensors", device="cpu")
+    # A config digit changed in the header (num_heads 2 -> 3 is one bit) is damage too, not another model.
+    at = data.index(b'num_heads\\": 2') + len(b'num_heads\\": ')  # the config is JSON text inside JSON
+    (tmp_path / "cfg.safetensors").write_bytes(_flip(data, at, 0))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        unicom.load(tmp_path / "cfg.safetensors", device="cpu")
+    # A foreign file without the record loads as before.
+    save_file({k: v.contiguous() for k, v in small_model().state_dict().items()}, tmp_path / "foreign.safetensors")
+    loaded, _ = unicom.load(tmp_path / "foreign.safetensors", device="cpu")
+    torch.testing.assert_close(embed(loaded, x), embed(small_model(), x), rtol=0, atol=0)
+
+
+def test_legacy_files_load_with_a_warning_that_they_cannot_be_checked(tmp_path, x, caplog):
+    path = tmp_path / "legacy.pt"
+    torch.save(small_model().state_dict(), path, _use_new_zipfile_serialization=False)
+    with caplog.at_level("WARNING", logger="unicom.checkpoint"):
+        loaded, _ = unicom.load(path, device="cpu")
+    assert "legacy (non-zip) format" in caplog.text and "cannot be detected" in caplog.text
+    torch.testing.assert_close(embed(loaded, x), embed(small_model(), x), rtol=0, atol=0)
+
+
+def _read_outcome(path):
+    """'ok' or 'error', and the error must be a one-line CheckpointError naming the file."""
+    try:
+        read_checkpoint(path)
+    except CheckpointError as e:
+        message = str(e)
+        assert str(path) in message and "\n" not in message, message
+        assert "arbitrary code" not in message, message  # damage is not reported as a security problem
+        return "error"
+    return "ok"
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # a flipped protocol byte
+def test_every_damaged_legacy_header_is_a_checkpoint_error(tmp_path, caplog):
+    """Flipped bits across the pickles of a legacy file: unpickler failures of every kind (IndexError,
+    UnicodeDecodeError, AssertionError, ...) are one-line CheckpointErrors, never tracebacks."""
+    data_path = tmp_path / "legacy.pt"
+    torch.save({"config": small_model().config.to_dict(), "state_dict": small_model(depth=1).state_dict()},
+               data_path, _use_new_zipfile_serialization=False)
+    data = data_path.read_bytes()
+    path = tmp_path / "m.pt"
+    outcomes = []
+    for i in range(0, 3000, 5):
+        path.write_bytes(_flip(data, i, i % 8))
+        outcomes.append(_read_outcome(path))
+    assert outcomes.count("error") > 100
+    for content in (b"\x80", data[:1], data[: len(data) // 2]):
+        path.write_bytes(content)
+        assert _read_outcome(path) == "error"
+
+
+@pytest.mark.parametrize("prefix", [b"\x00", b"X" * 7, bytes(512)])
+def test_a_zip_with_bytes_in_front_is_damaged_not_unsafe(tmp_path, prefix):
+    good = tmp_path / "good.pt"
+    save_model(small_model(), good)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(prefix + good.read_bytes())
+    with pytest.raises(CheckpointError, match=r"bad\.pt is damaged .*bytes in front"):
+        unicom.load(bad, device="cpu")
+
+
+@pytest.mark.parametrize("field,value", [("num_heads", 0), ("patch_size", 0), ("dim", -64), ("depth", 0),
+                                         ("num_heads", "2"), ("mlp_ratio", float("nan")), ("drop_path_rate", 1.5)])
+def test_recorded_configs_with_impossible_numbers_are_checkpoint_errors(tmp_path, field, value):
+    path = tmp_path / "odd.pt"
+    torch.save({"config": {**small_model().config.to_dict(), field: value}, "state_dict": small_model().state_dict()},
+               path)
+    with pytest.raises(CheckpointError, match=f"odd.pt records a config .*{field}"):
+        unicom.load(path, device="cpu")
+
+
+def test_state_dicts_of_other_shapes_are_checkpoint_errors_naming_the_file(tmp_path):
+    sd = small_model().state_dict()
+    for name, change in {"rank": ("patch_embed.proj.weight", torch.zeros(3)),
+                         "names": ("blocks.x.weight", torch.zeros(1))}.items():
+        path = tmp_path / f"{name}.pt"
+        torch.save({**sd, change[0]: change[1]}, path)
+        with pytest.raises(CheckpointError) as error:
+            unicom.load(path, device="cpu")
+        assert str(path) in str(error.value) and "\n" not in str(error.value)

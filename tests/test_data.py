@@ -361,3 +361,112 @@ def test_collate_rejects_mixed_shapes():
     batch = [(torch.zeros(3, 4, 4), 0, 0, True), (torch.zeros(3, 5, 4), 1, 1, True)]
     with pytest.raises(ValueError, match="resizes"):
         collate(batch)
+
+
+# ---------------------------------------------------------------- integrity of folders and files
+
+
+@pytest.fixture
+def alarm():
+    """Fail instead of hanging: a FIFO opened for reading waits for a writer forever."""
+    import signal
+
+    def fire(signum, frame):
+        raise TimeoutError("hung")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def _tree(root: Path, classes: int = 3, per_class: int = 2) -> None:
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            synth.write_image(root / f"c{c}" / f"{i}.png", (40 * c, 20 * i, 9), size=(8, 8))
+
+
+@pytest.mark.parametrize("mutation", ["cycle", "parent", "deep", "file_link", "hard_link", "class_link"])
+def test_folder_scans_visit_each_real_file_once(tmp_path, mutation, caplog):
+    import os
+
+    root = tmp_path / "images"
+    _tree(root)
+    expected = load_image_folder(root).paths
+    {"cycle": lambda: os.symlink(".", root / "c2" / "loop"),  # ln -s . images/c2/loop
+     "parent": lambda: os.symlink("..", root / "c1" / "up"),
+     "deep": lambda: ((root / "c0" / "a").mkdir(), os.symlink(root / "c0", root / "c0" / "a" / "back")),
+     "file_link": lambda: os.symlink(root / "c0" / "0.png", root / "c0" / "9.png"),
+     "hard_link": lambda: os.link(root / "c0" / "0.png", root / "c1" / "9.png"),
+     "class_link": lambda: os.symlink(root / "c0", root / "c3")}[mutation]()
+    with caplog.at_level("WARNING", logger="unicom.data.folder"):
+        dataset = load_image_folder(root)
+    assert dataset.paths == expected  # nothing counted twice, nothing lost
+    assert "seen before" in caplog.text
+
+
+def test_only_regular_files_are_images(tmp_path, alarm, caplog):
+    import os
+    import socket
+
+    root = tmp_path / "images"
+    _tree(root)
+    os.mkfifo(root / "c1" / "x.jpg")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(root / "c0" / "s.jpg"))
+    (root / "c2" / "d.jpg").mkdir()
+    os.symlink(root / "nowhere.jpg", root / "c2" / "gone.jpg")
+    with caplog.at_level("WARNING", logger="unicom.data.folder"):
+        dataset = load_image_folder(root)
+    assert len(dataset) == 6 and all(dataset[i][3] for i in range(6))
+    assert "not a regular file" in caplog.text and "broken link" in caplog.text
+    # Named directly (a listing file), a FIFO is a bad image at once, with or without skipping.
+    with pytest.raises(BadImageError, match="x.jpg.*a FIFO"):
+        ImageDataset([root / "c1" / "x.jpg"], [0])[0]
+    assert not ImageDataset([root / "c1" / "x.jpg"], [0], skip_bad_images=True)[0][3]
+    with pytest.raises(BadImageError, match="a folder"):
+        ImageDataset([root / "c2" / "d.jpg"], [0])[0]
+
+
+def _damaged_jpeg(path: Path) -> Path:
+    """A JPEG with one bit flipped in its compressed data, of the kind libjpeg warns about
+    (``Corrupt JPEG data``) and PIL decodes without a word."""
+    from unicom.data.image import jpeg_damage
+
+    rng = np.random.default_rng(0)
+    pixels = np.clip(rng.normal(128, 40, (48, 64, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path, quality=90)
+    data = path.read_bytes()
+    start = data.index(b"\xff\xda") + 20
+    for i in range(start, len(data) - 2):
+        flipped = data[:i] + bytes([data[i] ^ 0x10]) + data[i + 1:]
+        if jpeg_damage(flipped) is not None:
+            path.write_bytes(flipped)
+            return path
+    raise AssertionError("no damaging flip found")
+
+
+def test_damaged_jpeg_data_is_found_counted_and_with_strict_a_bad_image(tmp_path):
+    pytest.importorskip("simplejpeg")
+    from unicom.data.image import check_jpegs
+
+    damaged = _damaged_jpeg(tmp_path / "damaged.jpg")
+    Image.open(damaged).load()  # what the check is for: PIL decodes it without a word
+    clean = tmp_path / "clean.jpg"
+    Image.new("RGB", (32, 24), (200, 10, 10)).save(clean)
+    png = tmp_path / "p.png"
+    synth.write_image(png, (1, 2, 3))
+    samples = [clean, damaged, png, tmp_path / "missing.jpg"]
+
+    dataset = ImageDataset(samples, [0, 1, 2, 3], skip_bad_images=True)
+    found = check_jpegs(dataset)
+    assert list(found) == [1] and "Corrupt JPEG data" in found[1] and dataset.damaged == found
+    assert dataset[1][3]  # by default still decoded, as published: counted and named, not dropped
+
+    strict = ImageDataset(samples, [0, 1, 2, 3], skip_bad_images=True)
+    assert list(check_jpegs(strict, strict=True)) == [1]
+    assert [strict[i][3] for i in range(3)] == [True, False, True]
+    with pytest.raises(BadImageError, match="damaged.jpg.*damaged JPEG data"):
+        check_jpegs(ImageDataset(samples, [0, 1, 2, 3]), strict=True)  # before any embedding

@@ -338,3 +338,43 @@ def test_four_processes_download_once(server: FileServer, root: Path) -> None:
     assert _sha(root / "weights.bin") == SHA
     assert [r.range for r in server.requests] == [None]  # exactly one full GET
     assert _leftovers(root) == ["weights.bin"]
+
+
+# ---- transfers that stall, targets and arguments that can never work --------------------
+
+
+def test_a_server_that_trickles_fails_in_bounded_time(server, root):
+    """Each read answers within the timeout, the transfer as a whole goes nowhere: a stall."""
+    url = server.add(PATH, DATA, "trickle", delay=0.02)
+    with pytest.raises(DownloadError, match="stalled") as error:
+        download(url, SHA, root=root, progress=False, timeout=0.5, retries=1)
+    assert "after 2 attempt(s)" in str(error.value) and "\n" not in str(error.value)
+    assert len(server.requests_for(PATH)) == 2
+
+
+def test_a_folder_at_the_target_fails_before_the_transfer(server, root):
+    url = server.add(PATH, DATA)
+    (root / "weights.bin").mkdir(parents=True)
+    with pytest.raises(DownloadError, match="is a folder"):
+        download(url, SHA, root=root, progress=False)
+    assert server.requests == []
+    (root.parent / "a_file").write_bytes(b"x")  # a file where the cache folder should be
+    with pytest.raises(DownloadError, match="cannot create the cache folder"):
+        download(url, SHA, root=root.parent / "a_file" / "cache", progress=False)
+    assert server.requests == []
+
+
+@pytest.mark.parametrize("url,kwargs,message", [
+    ("127.0.0.1/files/weights.bin", {}, "http://, https:// or file://"),
+    ("ftp://127.0.0.1/files/weights.bin", {}, "http://, https:// or file://"),
+    ("http:///files/weights.bin", {}, "with a host"),
+    (None, {"timeout": 0}, "timeout"),
+    (None, {"timeout": -1.0}, "timeout"),
+    (None, {"timeout": float("nan")}, "timeout"),
+    (None, {"retries": -1}, "retries"),
+])
+def test_arguments_that_cannot_work_fail_at_once(server, root, url, kwargs, message):
+    good = server.add(PATH, DATA)
+    with pytest.raises(ValueError, match=message):  # never tried, so never retried as if transient
+        download(url or good, SHA, root=root, progress=False, **kwargs)
+    assert server.requests == [] and _leftovers(root) == []

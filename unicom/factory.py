@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, config_from_state_dict, read_checkpoint
+from .checkpoint import CheckpointError, config_from_state_dict, mismatch, read_checkpoint
 from .model import ViTConfig, VisionTransformer
 from .pretrained import REGISTRY, get_pretrained, unknown_model_message
 from .transforms import eval_transform
@@ -50,6 +50,8 @@ def _weights_file(
 
         entry = REGISTRY[name_or_path]
         return Path(download(entry.url, entry.sha256, root=download_root)), entry.config
+    if not str(name_or_path).strip():  # Path("") is the current folder
+        raise ValueError(f"expected a model name ({', '.join(REGISTRY)}) or a checkpoint path, got an empty string")
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path, None
@@ -86,13 +88,16 @@ def load(
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     path, config = _weights_file(name_or_path, download_root)
     state_dict, recorded = read_checkpoint(path, verify=config is None)  # a registry file's SHA256 was checked
-    config = config or recorded or config_from_state_dict(state_dict)
+    try:
+        config = config or recorded or config_from_state_dict(state_dict)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     model = VisionTransformer.from_config(config)
     # Weights are loaded strictly on the CPU in float32 first, whatever dtype the file has.
     try:
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()})
     except RuntimeError as e:
-        raise CheckpointError(f"{path} does not match the architecture {config}:\n{e}") from None
+        raise CheckpointError(f"{path} does not match the architecture {config}: {mismatch(e)}") from None
     if dtype != torch.float32 and device.type == "cpu":
         logger.warning("precision %s on the CPU is slow and less accurate; fp32 is recommended there", precision)
     model = model.eval().to(device=device, dtype=dtype)

@@ -65,6 +65,10 @@ _RETRY_BACKOFF_S = 1.0  # first retry waits this long, doubling each time (cappe
 _RETRY_BACKOFF_MAX_S = 30.0
 _USER_AGENT = "unicom-hub"
 _SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+_SCHEMES = ("http", "https", "file")
+# A transfer must deliver at least this many bytes in every `timeout` seconds: the socket
+# timeout bounds each read only, and a server that trickles a byte at a time would never end.
+_MIN_BYTES_PER_TIMEOUT = 64 * 1024
 
 
 class DownloadError(RuntimeError):
@@ -201,7 +205,9 @@ def download(
         root: the folder to store the file in; default :func:`cache_dir`.
         filename: the local file name; default the last path component of the URL.
         progress: show a tqdm bar on stderr (only on local rank 0).
-        timeout: seconds to wait for the connection and for each read.
+        timeout: seconds to wait for the connection and for each read; a transfer that
+            delivers less than 64 KiB in any ``timeout`` seconds has stalled (a transient
+            failure, retried).
         retries: how many times a transient failure (dropped connection, timeout,
             HTTP 5xx/408/429) is retried, each time resuming from the bytes received.
 
@@ -213,17 +219,30 @@ def download(
             reason, the URL, the target path and how to place the file by hand); also when
             ``$UNICOM_OFFLINE`` is set and the file is missing or wrong.
         ChecksumError: the downloaded bytes have the wrong SHA256 (nothing is kept).
-        ValueError: ``sha256`` is not 64 hex digits, or no file name can be derived.
+        ValueError: ``sha256`` is not 64 hex digits, ``url`` is not an http(s) or file URL,
+            ``timeout`` is not a finite positive number, ``retries`` is negative, or no file name
+            can be derived. These are never retried.
     """
     if sha256 is not None and not _SHA256_RE.match(sha256):
         raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+        raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be a whole number >= 0, got {retries!r}")
     expected = sha256.lower() if sha256 is not None else None
     url = resolve_url(url)
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme not in _SCHEMES or (scheme != "file" and not urllib.parse.urlsplit(url).netloc):
+        raise ValueError(f"cannot download {url!r}: expected an http://, https:// or file:// URL with a host "
+                         "(check UNICOM_MIRROR if it was set)")
     name = filename if filename is not None else _filename_from_url(url)
     if not _is_plain_name(name):
         raise ValueError(f"filename must be a plain file name, got {name!r}")
     root_path = Path(os.path.abspath(Path(root if root is not None else cache_dir()).expanduser()))
     target = root_path / name
+    if target.is_dir():
+        raise DownloadError(f"cannot download {url} to {target}: that path is a folder. Remove it, or pass "
+                            "another root= (download_root=) or filename=")
 
     if _offline():
         return _offline_lookup(url, target, expected)
@@ -237,7 +256,7 @@ def download(
 
     try:
         root_path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
+    except OSError as e:  # also FileExistsError: a file where the folder should be
         raise DownloadError(f"cannot create the cache folder {root_path}: {e}. "
                             f"Set UNICOM_CACHE_DIR or pass root= to a writable folder.") from e
 
@@ -326,7 +345,11 @@ def _download_locked(
             f"have changed or been corrupted in transit: retry, or check the URL. "
             + _manual_hint(url, target, expected)
         )
-    os.replace(part, target)
+    try:
+        os.replace(part, target)
+    except OSError as e:  # a folder created at the target meanwhile, a read-only cache
+        raise DownloadError(f"downloaded {url} but could not move it to {target}: {e}. The verified file is "
+                            f"kept at {part}.") from e
     logger.info("saved %s", target)
 
 
@@ -410,6 +433,7 @@ def _fetch_into(
         from tqdm import tqdm  # deferred: importing hub stays cheap
 
         received = 0
+        window_start, window_bytes = time.monotonic(), 0
         try:
             with open(part, mode) as f, tqdm(
                 total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
@@ -419,6 +443,13 @@ def _fetch_into(
                     chunk = _read_chunk(response, url, timeout, received, length)
                     if not chunk:
                         break
+                    window_bytes += len(chunk)
+                    now = time.monotonic()
+                    if now - window_start >= timeout:
+                        if window_bytes < _MIN_BYTES_PER_TIMEOUT and (length is None or received + len(chunk) < length):
+                            raise _TransientError(f"{url} stalled: {window_bytes} bytes in {now - window_start:.1f} s "
+                                                  f"(less than {_MIN_BYTES_PER_TIMEOUT // 1024} KiB per {timeout} s)")
+                        window_start, window_bytes = now, 0
                     f.write(chunk)  # OSError from here on is local (disk), not network
                     hasher.update(chunk)
                     received += len(chunk)
@@ -435,8 +466,8 @@ def _fetch_into(
 
 def _read_chunk(response, url: str, timeout: float, received: int, length: int | None) -> bytes:
     """Read up to 1 MiB of the body, turning network failures into ``_TransientError``."""
-    try:
-        return response.read(_CHUNK)
+    try:  # read1: what has arrived (up to 1 MiB), so that a slow server cannot hold one call forever
+        return response.read1(_CHUNK)
     except http.client.IncompleteRead as e:
         got = received + len(e.partial)
         # e.partial is dropped: simpler to re-request those few bytes than to keep them.

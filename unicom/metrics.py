@@ -352,9 +352,10 @@ def knn_classify(sims: Tensor, neighbour_labels: Tensor, num_classes: int, tempe
     """
     if sims.shape != neighbour_labels.shape or sims.ndim != 2 or sims.shape[1] == 0:
         raise ValueError("sims and neighbour_labels must have equal (Q, k) shapes with k >= 1")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     dtype = torch.float64 if sims.dtype == torch.float64 else torch.float32
+    # Checked in the dtype it is used in: 1e-300 is > 0 as a Python float but 0 in float32.
+    if not (math.isfinite(temperature) and 0 < torch.tensor(temperature, dtype=dtype).item() < math.inf):
+        raise ValueError(f"temperature must be a finite number > 0 in {dtype}, got {temperature}")
     sims = sims.to(dtype)
     weights = torch.exp((sims - sims.max(dim=1, keepdim=True).values) / temperature)  # (Q, k) in (0, 1]
     scores = torch.zeros(sims.shape[0], num_classes, dtype=dtype, device=sims.device)

@@ -35,6 +35,15 @@ class ViTConfig:
     drop_path_rate: float = 0.0
 
     def __post_init__(self) -> None:
+        for name in ("input_size", "patch_size", "in_channels", "dim", "embedding_size", "depth", "num_heads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        ratio, rate = self.mlp_ratio, self.drop_path_rate
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < float("inf"):
+            raise ValueError(f"mlp_ratio must be a finite number > 0, got {ratio!r}")
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+            raise ValueError(f"drop_path_rate must be a number in [0, 1), got {rate!r}")
         if self.input_size % self.patch_size:
             raise ValueError(f"input_size {self.input_size} is not a multiple of patch_size {self.patch_size}")
         if self.dim % self.num_heads:

@@ -1,11 +1,16 @@
-"""A dataset of images with integer labels, and the error raised for an undecodable image."""
+"""A dataset of images with integer labels, the error raised for an undecodable image, and the
+checks that keep bad files from passing as images: only regular files are opened, and JPEGs
+whose compressed data libjpeg reports as corrupt (which PIL decodes without a word) are found,
+counted and named, or with ``strict`` treated as bad images."""
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from concurrent.futures import ThreadPoolExecutor
+from typing import IO, Any, Union
 
 import numpy as np
 import torch
@@ -14,7 +19,8 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from ..transforms import to_rgb as _to_rgb
 
-__all__ = ["BadImageError", "ImageDataset", "Sample"]
+__all__ = ["BadImageError", "ImageDataset", "Sample", "check_jpegs", "jpeg_check_available", "jpeg_damage",
+           "open_image_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +32,64 @@ Sample = Union[str, os.PathLike, Image.Image, np.ndarray]
 # unidentified files (UnidentifiedImageError is an OSError); some plugins raise SyntaxError
 # or ValueError on malformed headers; DecompressionBombError guards absurd sizes.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class NotAFileError(OSError):
+    """A path that names something other than a regular file (a FIFO, socket, device or folder)."""
+
+
+_KINDS = {stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a character device",
+          stat.S_ISBLK: "a block device", stat.S_ISDIR: "a folder"}
+
+
+def open_image_file(path: str | os.PathLike) -> IO[bytes]:
+    """``path`` opened for reading if it is a regular file, else :class:`NotAFileError` (an
+    OSError). The file is opened without blocking and checked through its descriptor, so a FIFO
+    named ``x.jpg`` is refused at once instead of waiting forever for a writer."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _KINDS.items() if test(mode)), "not a regular file")
+            raise NotAFileError(f"{os.fspath(path)} is {kind}, not an image file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def jpeg_check_available() -> bool:
+    """Whether damaged JPEG data can be detected here (it needs the simplejpeg package)."""
+    from .pipelines import jpeg
+
+    return jpeg.available()
+
+
+def jpeg_damage(data: bytes) -> str | None:
+    """What libjpeg reports as corrupt in a JPEG it can decode anyway (``Corrupt JPEG data: ...``,
+    ``Premature end of JPEG file``), else None: None also for non-JPEG bytes, for files libjpeg
+    cannot decode at all (the decoder's own error decides those) and without simplejpeg.
+
+    PIL hides these warnings and decodes such files with wrong pixels; libjpeg-turbo's TurboJPEG
+    API (through simplejpeg) stops at them. The check decodes grayscale at 1/8 scale: the
+    entropy-coded data, where the damage is found, is read in full either way.
+    """
+    from .pipelines import jpeg
+
+    module = jpeg._module()
+    if module is None or data[:3] != b"\xff\xd8\xff":
+        return None
+    try:
+        module.decode_jpeg(data, "GRAY", min_factor=8, strict=True)
+        return None
+    except ValueError as warning:
+        try:  # decodable when warnings are ignored: the file is damaged, not unsupported
+            module.decode_jpeg(data, "GRAY", min_factor=8, strict=False)
+        except ValueError:
+            return None
+        return " ".join(str(warning).split())
 
 
 class BadImageError(RuntimeError):
@@ -97,6 +161,9 @@ class ImageDataset(torch.utils.data.Dataset):
         self.skip_bad_images = skip_bad_images
         self.classes = list(classes) if classes is not None else None
         self.placeholder_size = placeholder_size
+        # index -> what libjpeg reported; filled by check_jpegs (rejected: with strict=True)
+        self.damaged: dict[int, str] = {}
+        self.rejected: dict[int, str] = {}
         self.paths = [
             (str(names[i]) if names is not None else f"<memory {i}>")
             if isinstance(s, (Image.Image, np.ndarray))
@@ -114,8 +181,11 @@ class ImageDataset(torch.utils.data.Dataset):
             return _to_rgb(sample)
         if isinstance(sample, np.ndarray):
             return _to_rgb(Image.fromarray(sample))
+        if index in self.rejected:
+            raise BadImageError(self.paths[index], f"damaged JPEG data ({self.rejected[index]}); strict image "
+                                "checks are on")
         try:
-            with Image.open(sample) as image:
+            with open_image_file(sample) as f, Image.open(f) as image:
                 image.load()
                 return _to_rgb(image)
         except _DECODE_ERRORS as error:
@@ -136,3 +206,48 @@ class ImageDataset(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         n_classes = len(self.classes) if self.classes is not None else "?"
         return f"{type(self).__name__}({len(self)} images, {n_classes} classes)"
+
+
+def _damage_of(dataset: ImageDataset, index: int) -> str | None:
+    sample = dataset.samples[index]
+    if isinstance(sample, (Image.Image, np.ndarray)):
+        return None
+    try:
+        with open_image_file(sample) as f:
+            data = f.read()
+    except OSError:
+        return None  # missing or not a file: loading the image reports it
+    return jpeg_damage(data)
+
+
+def check_jpegs(dataset: ImageDataset, strict: bool = False, threads: int | None = None) -> dict[int, str]:
+    """Find the JPEGs of ``dataset`` whose compressed data libjpeg reports as corrupt: {index: what
+    it reported}, the same on every process (each checks its share of the files, then the
+    indices are gathered). They are recorded in ``dataset.damaged``; PIL still decodes them, as
+    the published pipeline does, unless ``strict``: then they are bad images (``dataset.rejected``),
+    and without ``skip_bad_images`` the first one raises :class:`BadImageError` here, before any
+    embedding. Without simplejpeg nothing can be checked and the result is empty (see
+    :func:`jpeg_check_available`)."""
+    import torch
+
+    from .. import distributed as dist
+
+    if not jpeg_check_available():
+        return {}
+    share = dist.shard_range(len(dataset))
+    threads = threads or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(threads) as pool:  # simplejpeg and file reads release the GIL
+        found = {i: reason for i, reason in zip(share, pool.map(lambda i: _damage_of(dataset, i), share))
+                 if reason is not None}
+    indices = dist.all_gather_varlen(torch.tensor(sorted(found), dtype=torch.long)).tolist()
+    # Another process's finding: checked again here for its message (damaged files are few).
+    damaged = {i: found.get(i) or _damage_of(dataset, i) or "corrupt JPEG data" for i in indices}
+    dataset.damaged = damaged
+    if strict:
+        dataset.rejected = dict(damaged)
+        if damaged and not dataset.skip_bad_images:
+            first = min(damaged)
+            more = f" (and {len(damaged) - 1} other damaged JPEG(s))" if len(damaged) > 1 else ""
+            raise BadImageError(dataset.paths[first], f"damaged JPEG data ({damaged[first]}){more}; "
+                                "strict image checks are on")
+    return damaged

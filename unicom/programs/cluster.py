@@ -22,7 +22,7 @@ import torch
 from .. import distributed as dist
 from ..pretrain.features import load_features, read_manifest
 from ..pretrain.kmeans import BACKENDS, save_clustering, spherical_kmeans
-from .common import positive_int, setup_logging
+from .common import device_option, output_dir, positive_int, seed, setup_logging
 
 logger = logging.getLogger("unicom.cluster")
 
@@ -31,7 +31,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("cluster", add_help=add_help, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--features", required=True, help="output folder of extract_features.py")
-    p.add_argument("--output", required=True, help="folder for labels.npy, centroids.npy, stats.json")
+    p.add_argument("--output", required=True, type=output_dir, help="folder for labels.npy, centroids.npy, stats.json")
     p.add_argument("--k", type=int, required=True, help="number of clusters (pseudo classes)")
     p.add_argument("--niter", type=positive_int, default=20, help="Lloyd iterations (default: 20, as faiss)")
     p.add_argument("--levels", type=int, default=1, choices=(1, 2),
@@ -45,9 +45,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="rows assigned at once (default: 1M for faiss, 65536 for torch)")
     p.add_argument("--gpu", action="store_true", help="faiss backend: use faiss' GPU code when present")
     p.add_argument("--half", action="store_true", help="torch backend: fp16 matrix products (for GPUs)")
-    p.add_argument("--device", default=None,
+    p.add_argument("--device", default=None, type=device_option,
                    help="torch backend: cuda, cuda:1 or cpu (default: the local GPU when there is one)")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seed", type=seed, default=1234)
     return p
 
 

@@ -75,12 +75,107 @@ def _at_least(convert: Callable[[str], float], low: float, strict: bool, expecte
 positive_int = _at_least(int, 1, False, "a whole number >= 1")
 non_negative_int = _at_least(int, 0, False, "a whole number >= 0")
 positive_float = _at_least(float, 0.0, True, "a finite number > 0")
+non_negative_float = _at_least(float, 0.0, False, "a finite number >= 0")
+
+SEED_MAX = 2**31 - 1  # torch, random and NumPy (which takes < 2**32, seeded with seed + rank) all accept it
+
+
+def seed(value: str) -> int:
+    """--seed: a whole number from 0 to :data:`SEED_MAX`."""
+    number = non_negative_int(value)
+    if number > SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to {SEED_MAX}, got {value}")
+    return number
+
+
+def fraction(value: str) -> float:
+    """A share in (0, 1] (e.g. --sample_rate)."""
+    number = positive_float(value)
+    if number > 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {number}")
+    return number
+
+
+def positive_float32(value: str) -> float:
+    """A finite number > 0 that stays so in float32, where the computation happens (1e-300 would
+    become 0 there)."""
+    import numpy as np
+
+    number = positive_float(value)
+    with np.errstate(over="ignore", under="ignore"):
+        single = float(np.float32(number))
+    if not (math.isfinite(single) and single >= float(np.finfo(np.float32).tiny)):
+        raise argparse.ArgumentTypeError(f"expected a number > 0 that float32 holds (from about 1.2e-38 to 3.4e38), "
+                                         f"got {value}")
+    return number
+
+
+def count_or_all(value: str) -> int:
+    """A whole number >= 1, or -1 for all (e.g. --n-per-class-list)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, or -1 for all, got {value!r}") from None
+    if number != -1 and number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, or -1 for all, got {number}")
+    return number
+
+
+def non_empty(value: str) -> str:
+    """A string that is not empty or blank (names and paths)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("expected a name or a path, got an empty string")
+    return value
+
+
+def output_dir(value: str) -> str:
+    """A folder results can be written to: it exists as a writable folder, or can be created
+    (the nearest existing parent is a writable folder). Checked when the flags are read, so a
+    bad path fails before the work, not after it; nothing is created here."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("expected a folder, got an empty string (use . for the current folder)")
+    path = Path(value).expanduser().absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # a broken link where a folder should be
+            raise argparse.ArgumentTypeError(f"cannot create {path}: {existing} is a broken link")
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is" if existing == path else f"would be under {existing}, which is"
+        raise argparse.ArgumentTypeError(f"cannot write results to {path}: it {where} not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write results to {path}: {existing} is not writable")
+    return value
+
+
+# Device types the programs run on; their indices are checked against what is present.
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def device_option(value: str) -> str:
+    """--device: cpu, cuda or cuda:N naming a GPU that is present here."""
+    expected = "cpu, cuda or cuda:N"
+    try:
+        device = torch.device(value.strip())
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}") from None
+    if device.type not in DEVICE_TYPES:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r} (the programs run on CPUs and CUDA "
+                                         "GPUs)")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{value!r}: no CUDA GPU is available here (use --device cpu)")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{value!r}: this machine has {count} GPU(s), cuda:0 to "
+                                             f"cuda:{count - 1}")
+    return value.strip()
 
 
 def add_runtime_args(parser, compile: bool = True) -> None:
     """Flags every program shares: device, precision, data loading (and ``--compile`` for
     the programs that embed with a frozen model)."""
-    parser.add_argument("--device", default=None,
+    parser.add_argument("--device", default=None, type=device_option,
                         help="cuda, cuda:1 or cpu (default: the local GPU when there is one, else the CPU)")
     parser.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                         help="autocast precision for the forward pass; auto = fp16 on GPUs, fp32 on CPUs")
@@ -94,6 +189,36 @@ def add_runtime_args(parser, compile: bool = True) -> None:
                                  "minute or so; no gain on CPUs)")
     parser.add_argument("--skip-bad-images", "--skip_bad_images", dest="skip_bad_images", action="store_true",
                         help="leave undecodable images out (counted in the results) instead of stopping")
+    parser.add_argument("--strict-images", "--strict_images", dest="strict_images", action="store_true",
+                        help="treat JPEGs whose data libjpeg reports as corrupt as bad images (by default they are "
+                             "decoded, as published, and counted and named in the results; needs simplejpeg)")
+
+
+def check_images(datasets, strict: bool = False) -> dict:
+    """Look for damaged JPEG data in ``datasets`` (ImageDatasets; None entries are ignored) before
+    any embedding; name what is found on stderr (rank 0) and return the results-file fields:
+    ``damaged_images`` (the paths) and ``damaged_images_checked`` (False without simplejpeg).
+    With ``strict`` the damaged files are bad images (see :func:`unicom.data.image.check_jpegs`)."""
+    from ..data.image import check_jpegs, jpeg_check_available
+
+    available = jpeg_check_available()
+    if strict and not available:
+        raise ValueError("--strict-images needs the simplejpeg package to find damaged JPEG data: "
+                         "pip install simplejpeg (or unicom[fast])")
+    damaged: list[str] = []
+    for dataset in datasets:
+        if dataset is not None:
+            damaged += [dataset.paths[i] for i in sorted(check_jpegs(dataset, strict=strict))]
+    if dist.is_main_process():
+        if not available:
+            print("warning: damaged JPEG data cannot be detected without the simplejpeg package "
+                  "(pip install simplejpeg): such files are decoded unchecked", file=sys.stderr, flush=True)
+        elif damaged:
+            shown = "\n  ".join(damaged[:20]) + (f"\n  ... and {len(damaged) - 20} more" if len(damaged) > 20 else "")
+            what = "left out as bad images" if strict else "decoded anyway (--strict-images leaves them out)"
+            print(f"warning: {len(damaged)} JPEG(s) with damaged data, {what}:\n  {shown}", file=sys.stderr,
+                  flush=True)
+    return {"damaged_images": damaged, "damaged_images_checked": available}
 
 
 def run_cli(main) -> int:

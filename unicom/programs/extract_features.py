@@ -17,7 +17,8 @@ import logging
 
 from .. import distributed as dist
 from ..pretrain.features import FUSIONS, available_sources, build_source, extract_features
-from .common import PRECISION_CHOICES, positive_int, resolve_precision, setup_logging
+from .common import (PRECISION_CHOICES, device_option, non_negative_int, output_dir, positive_int, resolve_precision,
+                     setup_logging)
 
 logger = logging.getLogger("unicom.extract_features")
 
@@ -35,7 +36,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--source", default="clip", choices=available_sources(), help="feature source (default: clip)")
     p.add_argument("--inputs", nargs="+", required=True,
                    help="tar shards (paths, 'shard-{000..009}.tar' patterns, globs) or one folder of images")
-    p.add_argument("--output", required=True, help="output folder (shared by all processes)")
+    p.add_argument("--output", required=True, type=output_dir, help="output folder (shared by all processes)")
     p.add_argument("--fusion", default=None, choices=FUSIONS,
                    help="clip: mean of image and caption features (default), image or text alone")
     p.add_argument("--clip-model", "--clip_model", dest="clip_model", default="ViT-B-32",
@@ -48,11 +49,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="pixels source: images are resized to this square size (feature size 3*s*s)")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=positive_int, default=256,
                    help="images per forward pass")
-    p.add_argument("--num-workers", "--num_workers", dest="num_workers", type=int, default=8,
+    p.add_argument("--num-workers", "--num_workers", dest="num_workers", type=non_negative_int, default=8,
                    help="decoding processes per process (each reads whole shards)")
     p.add_argument("--folder-shard-size", "--folder_shard_size", dest="folder_shard_size", type=int, default=10_000,
                    help="folder input: images per virtual shard (the unit of resuming)")
-    p.add_argument("--device", default=None,
+    p.add_argument("--device", default=None, type=device_option,
                    help="cuda, cuda:1 or cpu (default: the local GPU when there is one, else the CPU)")
     p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                    help="autocast precision of the forward pass; auto = fp16 on GPUs, fp32 on CPUs")

@@ -33,7 +33,8 @@ from ..embed import autocast_for
 from ..factory import load
 from ..losses import MARGIN_GRADIENTS, CombinedMarginLoss, PartialFC
 from ..transforms import test_transform, train_transform
-from .common import positive_int, resolve_precision, write_json
+from .common import (check_images, fraction, non_negative_float, non_negative_int, positive_int, resolve_precision,
+                     write_json)
 
 logger = logging.getLogger("unicom.finetune")
 
@@ -85,14 +86,14 @@ def published_settings(dataset: str, model_name: str) -> dict:
 def add_train_args(p: argparse.ArgumentParser, title: str = "fine-tuning (without --eval)") -> None:
     """The published fine-tuning flags (names kept) and a few of ours (also used by pretraining)."""
     g = p.add_argument_group(title)
-    g.add_argument("--epochs", type=int, default=32)
-    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of the backbone")
+    g.add_argument("--epochs", type=non_negative_int, default=32)
+    g.add_argument("--lr", type=non_negative_float, default=1e-4, help="peak learning rate of the backbone")
     # 10: what every published fine-tuning script passes (the published argparse default, 5, is in none)
-    g.add_argument("--lr_pfc_weight", type=float, default=10.0,
+    g.add_argument("--lr_pfc_weight", type=non_negative_float, default=10.0,
                    help="the class centres get lr * lr_pfc_weight (default %(default)s)")
-    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--weight_decay", type=non_negative_float, default=0.0)
     g.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
-    g.add_argument("--gradient_acc", type=int, default=1, help="micro-batches accumulated per optimiser step")
+    g.add_argument("--gradient_acc", type=positive_int, default=1, help="micro-batches accumulated per optimiser step")
     g.add_argument("--margin_loss_s", type=float, default=32.0)
     g.add_argument("--margin_loss_m1", type=float, default=1.0)
     g.add_argument("--margin_loss_m2", type=float, default=0.3)
@@ -101,8 +102,9 @@ def add_train_args(p: argparse.ArgumentParser, title: str = "fine-tuning (withou
                    choices=MARGIN_GRADIENTS,
                    help="how the margin is differentiated: straight-through (as published: the margin's value, "
                         "the cosine's gradient) or exact (see unicom.losses.CombinedMarginLoss)")
-    g.add_argument("--sample_rate", type=float, default=1.0, help="share of class centres used per step (Partial FC)")
-    g.add_argument("--output_dim", type=int, default=None, help="embedding size; must equal the model's")
+    g.add_argument("--sample_rate", type=fraction, default=1.0,
+                   help="share of class centres used per step (Partial FC)")
+    g.add_argument("--output_dim", type=positive_int, default=None, help="embedding size; must equal the model's")
     g.add_argument("--transform", default="timm", choices=["timm", "origin_clip"],
                    help="training augmentation: timm (RandAugment, random erasing) or origin_clip (eval transform)")
     g.add_argument("--color_jitter", type=float, default=0.4)
@@ -378,6 +380,7 @@ def train(args, device: torch.device) -> int:
         tf_train = tf_test = train_transform(n_px, "origin_clip")
     train_data = load_retrieval_dataset(args.dataset, args.data_root, "train", tf_train, args.skip_bad_images)
     test_data = load_retrieval_dataset(args.dataset, args.data_root, "test", tf_test, args.skip_bad_images)
+    damaged = check_images([train_data.query, test_data.query, test_data.gallery], args.strict_images)
 
     model = model.to(device).train()
     if dist.get_world_size() > 1 and device.type == "cuda":
@@ -465,7 +468,7 @@ def train(args, device: torch.device) -> int:
             record = report(result, test_data, args)
             record.update(epoch=args.epochs, best_recall_at_1=100.0 * best)
     if dist.is_main_process():
-        write_json({**record, "settings": settings(args)}, output / "results.json")
+        write_json({**record, **damaged, "settings": settings(args)}, output / "results.json")
     dist.barrier()
     return 0
 

@@ -24,8 +24,8 @@ from ..data.pipelines import embedding_loader
 from ..embed import Embeddings, embed_loader, gather_embeddings
 from ..factory import load
 from ..metrics import knn_topk, knn_vote_accuracy, merge_topk
-from .common import (add_runtime_args, positive_float, positive_int, resolve_precision, runtime_record,
-                     setup_logging, write_json)
+from .common import (add_runtime_args, check_images, count_or_all, non_empty, non_negative_int, output_dir,
+                     positive_float32, positive_int, resolve_precision, runtime_record, seed, setup_logging, write_json)
 
 logger = logging.getLogger("unicom.knn")
 
@@ -33,29 +33,30 @@ logger = logging.getLogger("unicom.knn")
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("knn", add_help=add_help, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train-dataset", "--train_dataset", dest="train_dataset", required=True,
+    p.add_argument("--train-dataset", "--train_dataset", dest="train_dataset", required=True, type=non_empty,
                    help="ImageFolder tree of the training images (<root>/<class>/<image>)")
-    p.add_argument("--val-dataset", "--val_dataset", dest="val_dataset", required=True,
+    p.add_argument("--val-dataset", "--val_dataset", dest="val_dataset", required=True, type=non_empty,
                    help="ImageFolder tree of the validation images; classes matched to training by folder name")
     p.add_argument("--nb_knn", "--nb-knn", dest="nb_knn", nargs="+", type=positive_int, default=[10, 20, 100, 200],
                    help="numbers of neighbours to evaluate")
-    p.add_argument("--temperature", type=positive_float, default=0.07, help="voting temperature T: weight exp(sim / T)")
-    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=256)
-    p.add_argument("--model-name", "--model_name", dest="model_name", default="ViT-B/32",
+    p.add_argument("--temperature", type=positive_float32, default=0.07,
+                   help="voting temperature T: weight exp(sim / T)")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=positive_int, default=256)
+    p.add_argument("--model-name", "--model_name", dest="model_name", default="ViT-B/32", type=non_empty,
                    help="a registered model name or a checkpoint path")
-    p.add_argument("--num-workers", "--num_workers", dest="num_workers", type=int, default=4)
-    p.add_argument("--output-dir", "--output_dir", dest="output_dir", default="output")
+    p.add_argument("--num-workers", "--num_workers", dest="num_workers", type=non_negative_int, default=4)
+    p.add_argument("--output-dir", "--output_dir", dest="output_dir", default="output", type=output_dir)
     p.add_argument("--gather-on-cpu", "--gather_on_cpu", dest="gather_on_cpu", action="store_true",
                    help="keep the training features in host memory and stream them to the device in chunks")
-    p.add_argument("--n-per-class-list", "--n_per_class_list", dest="n_per_class_list", nargs="+", type=int,
+    p.add_argument("--n-per-class-list", "--n_per_class_list", dest="n_per_class_list", nargs="+", type=count_or_all,
                    default=[-1], help="few-shot: training images per class (-1 = all)")
     p.add_argument("--n-tries", "--n_tries", dest="n_tries", type=positive_int, default=1,
                    help="few-shot: random subsets per n, results averaged")
-    p.add_argument("--chunk-size", "--chunk_size", dest="chunk_size", type=int, default=1024,
+    p.add_argument("--chunk-size", "--chunk_size", dest="chunk_size", type=positive_int, default=1024,
                    help="validation images searched at once")
     p.add_argument("--train-chunk-rows", dest="train_chunk_rows", type=positive_int, default=262144,
                    help="with --gather-on-cpu: training rows moved to the device at once")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     add_runtime_args(p)
     return p
 
@@ -169,9 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         train_set = load_image_folder(args.train_dataset, transform, args.skip_bad_images)
         val_set = load_image_folder(args.val_dataset, transform, args.skip_bad_images,
                                     class_to_idx={c: i for i, c in enumerate(train_set.classes)})
+        damaged = check_images([train_set, val_set], args.strict_images)
         result = evaluate(model, train_set, val_set, args, device, resolve_precision(args.precision, device))
         if dist.is_main_process():
             record = {
+                **damaged,
                 "model": str(args.model_name),
                 "num_train": result["num_train"],
                 "num_val": result["num_val"],

@@ -52,7 +52,8 @@ from ..losses import CombinedMarginLoss, PartialFC
 from ..model import VisionTransformer
 from ..pretrain.dataset import InMemoryReader, PseudoLabels, PseudoLabelStream, ShardReader
 from ..transforms import eval_transform, train_transform
-from .common import add_runtime_args, resolve_precision, setup_logging, write_json
+from .common import (add_runtime_args, check_images, non_negative_int, output_dir, positive_int, resolve_precision,
+                     seed, setup_logging, write_json)
 from .finetune import (
     CHECKPOINTS,
     StepLogger,
@@ -105,9 +106,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--samples-per-epoch", "--samples_per_epoch", dest="samples_per_epoch", type=int, default=None,
                    help="samples in one epoch over all processes (default: the number of clustered samples)")
 
-    p.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=128,
+    p.add_argument("--batch_size", "--batch-size", dest="batch_size", type=positive_int, default=128,
                    help="images per process per micro-batch")
-    p.add_argument("--num_workers", "--num-workers", dest="num_workers", type=int, default=8,
+    p.add_argument("--num_workers", "--num-workers", dest="num_workers", type=non_negative_int, default=8,
                    help="data loading processes per process")
     p.add_argument("--num_feat", type=int, default=None,
                    help="Partial FC feature sampling: dimensions used per step (default: all)")
@@ -119,8 +120,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="after each epoch, zero-shot retrieval on this dataset's test split (e.g. digits)")
     p.add_argument("--chunk-size", "--chunk_size", dest="chunk_size", type=int, default=1024,
                    help="evaluation: queries searched at once")
-    p.add_argument("--output", default="output", help="folder for model_last.pt, results.json, checkpoints")
-    p.add_argument("--seed", type=int, default=1024)
+    p.add_argument("--output", default="output", type=output_dir,
+                   help="folder for model_last.pt, results.json, checkpoints")
+    p.add_argument("--seed", type=seed, default=1024)
     add_runtime_args(p, compile=False)
     add_train_args(p, title="training")
     # Published pretraining values where they differ from fine-tuning's; lr_pfc_weight 5 (fine-tuning:
@@ -273,6 +275,7 @@ def train(args, device: torch.device) -> int:
     if args.eval_dataset:
         test_data = load_retrieval_dataset(args.eval_dataset, args.data_root, "test", eval_transform(n_px),
                                            args.skip_bad_images)
+        check_images([test_data.query, test_data.gallery], args.strict_images)
 
     samples = args.samples_per_epoch or labels.num_samples
     micro_per_epoch = samples // (world * args.batch_size)

@@ -21,8 +21,8 @@ from ..data.registry import available_datasets
 from ..embed import Embeddings, embed_loader, gather_embeddings
 from ..factory import load
 from ..metrics import retrieval_metrics
-from .common import (add_runtime_args, non_negative_int, positive_int, resolve_precision, runtime_record,
-                     setup_logging, write_json)
+from .common import (add_runtime_args, check_images, non_empty, non_negative_int, output_dir, positive_int,
+                     resolve_precision, runtime_record, seed, setup_logging, write_json)
 from .finetune import PUBLISHED_RUNS, add_train_args, published_settings, train
 
 logger = logging.getLogger("unicom.retrieval")
@@ -38,20 +38,20 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="cub", help=f"one of {', '.join(available_datasets())}")
     p.add_argument("--data-root", "--data_root", dest="data_root", default="data",
                    help="folder holding the datasets in their standard layouts (default: data)")
-    p.add_argument("--model_name", "--model-name", dest="model_name", default="ViT-B/16",
+    p.add_argument("--model_name", "--model-name", dest="model_name", default="ViT-B/16", type=non_empty,
                    help="a registered model name or a checkpoint path")
-    p.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=128,
+    p.add_argument("--batch_size", "--batch-size", dest="batch_size", type=positive_int, default=128,
                    help="images per process per step")
-    p.add_argument("--num_workers", "--num-workers", dest="num_workers", type=int, default=8,
+    p.add_argument("--num_workers", "--num-workers", dest="num_workers", type=non_negative_int, default=8,
                    help="data loading processes per process")
     p.add_argument("--num_feat", type=positive_int, default=None,
                    help="use only the first num_feat embedding dimensions (as trained with feature sampling)")
-    p.add_argument("--output", default="output", help="folder for results.json (and checkpoints)")
-    p.add_argument("--chunk-size", "--chunk_size", dest="chunk_size", type=int, default=1024,
+    p.add_argument("--output", default="output", type=output_dir, help="folder for results.json (and checkpoints)")
+    p.add_argument("--chunk-size", "--chunk_size", dest="chunk_size", type=positive_int, default=1024,
                    help="queries searched at once: bounds memory to chunk x gallery similarities")
     p.add_argument("--visualize", type=non_negative_int, default=0, metavar="N",
                    help="write <output>/retrieval_examples.png with N random queries and their top results")
-    p.add_argument("--seed", type=int, default=1024)
+    p.add_argument("--seed", type=seed, default=1024)
     add_runtime_args(p)
     add_train_args(p)
     return p
@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; with ``--published``, the published run's settings fill in every flag not given."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    if not args.eval and args.epochs == 0:
+        parser.error("argument --epochs: fine-tuning needs at least 1 epoch")
     if not args.published:
         return args
     if args.eval:
@@ -179,10 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.num_feat is not None and args.num_feat > size:
             raise ValueError(f"--num_feat {args.num_feat} is larger than the model's embedding ({size})")
         data = load_retrieval_dataset(args.dataset, args.data_root, "test", transform, args.skip_bad_images)
+        damaged = check_images([data.query, data.gallery], args.strict_images)
         precision = resolve_precision(args.precision, device)
         evaluation = run_evaluation(model, data, args, device, precision)
         if dist.is_main_process():
-            record = {**report(evaluation.metrics, data, args), **runtime_record(args, device)}
+            record = {**report(evaluation.metrics, data, args), **damaged, **runtime_record(args, device)}
             write_json(record, Path(args.output) / "results.json")
             if args.visualize:
                 from ..visualize import retrieval_grid

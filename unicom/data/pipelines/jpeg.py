@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..image import open_image_file
+
 __all__ = ["agrees_with_pil", "available", "decode", "dimensions", "header", "pil_opens", "probe_images", "read",
            "require", "within_pil_limit"]
 
@@ -109,7 +111,7 @@ def read(path: str) -> bytes | None:
     allocate whatever their header claims for, and headers PIL refuses but libjpeg-turbo skips.
     """
     try:
-        with open(path, "rb") as f:
+        with open_image_file(path) as f:  # a FIFO or folder is PIL's to refuse
             data = f.read()
     except OSError:
         return None

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from ...transforms import to_rgb
-from ..image import _DECODE_ERRORS, ImageDataset
+from ..image import _DECODE_ERRORS, ImageDataset, open_image_file
 from .base import InputPipeline
 from .batches import Allocate, WholeImages, fetch
 from .resample import pad, padded_tables, plan, resize_padded
@@ -85,7 +85,7 @@ def _image_allowance(dataset: ImageDataset, samples: int = 32, margin: float = 1
             elif isinstance(sample, Image.Image):
                 w, h = sample.size
             else:
-                with Image.open(sample) as image:
+                with open_image_file(sample) as f, Image.open(f) as image:
                     w, h = image.size
         except _DECODE_ERRORS:  # unreadable or refused: the loader reports it; plan generously
             return _IMAGE_ALLOWANCE
