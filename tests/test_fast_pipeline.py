@@ -45,7 +45,7 @@ from unicom.data.fast import (  # noqa: E402
     resized_size,
     resolve_decode,
 )
-from unicom.embed import embed_loader  # noqa: E402
+from unicom.evaluate import embed_loader  # noqa: E402
 from unicom.transforms import MEAN, STD, eval_transform, train_transform  # noqa: E402
 from unicom.transforms import test_transform as finetune_test_transform  # noqa: E402  (not a test)
 
