@@ -65,6 +65,7 @@ def embed_loader(
     desc: str = "embedding",
     preprocess: Preprocess | None = None,
     batch_size: int | None = None,
+    progress: bool = True,
 ) -> Embeddings:
     """Run ``model`` over a loader of ``(images, labels, indices, ok)`` batches on ``device``.
 
@@ -74,7 +75,8 @@ def embed_loader(
     model's weights (``load(..., precision="fp16")``). With ``batch_size``, loader batches
     (which may be smaller: many small batches keep every worker busy) are gathered on the
     device and the model runs on ``batch_size`` images at a time (the last batch smaller).
-    Results stay on ``device``: no per-batch host round trip.
+    Results stay on ``device``: no per-batch host round trip. ``progress``: a progress bar on
+    the main process.
     """
     model.eval()
     weight_dtype = _weight_dtype(model)
@@ -86,7 +88,7 @@ def embed_loader(
         with autocast_for(device, precision):
             features.append(model(images).float())
 
-    batches = tqdm(loader, desc=desc, disable=not dist.is_main_process(), leave=False)
+    batches = tqdm(loader, desc=desc, disable=not (progress and dist.is_main_process()), leave=False)
     for images, batch_labels, batch_indices, batch_ok in batches:
         if preprocess is None:
             images = images.to(device, non_blocking=True)

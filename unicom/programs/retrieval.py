@@ -65,26 +65,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 # The published fine-tuning scripts, as data: (dataset, model) -> processes x batch per process,
 # epochs, peak lr, ArcFace margin m2, embedding size, augmentation. Every one of them also uses
 # the settings in PUBLISHED_COMMON. ``retrieval.py --published`` starts from these.
-PUBLISHED_RUNS = {
-    ("sop", "ViT-B/32"): dict(processes=1, batch_size=64, epochs=64, lr=1e-5, margin_loss_m2=0.25, output_dim=512,
-                              transform="origin_clip"),
-    ("sop", "ViT-B/16"): dict(processes=1, batch_size=64, epochs=64, lr=1e-5, margin_loss_m2=0.25, output_dim=768,
-                              transform="origin_clip"),
-    ("sop", "ViT-L/14"): dict(processes=4, batch_size=16, epochs=64, lr=1e-5, margin_loss_m2=0.3, output_dim=768,
-                              transform="origin_clip"),
-    ("sop", "ViT-L/14@336px"): dict(processes=8, batch_size=16, epochs=64, lr=1e-5, margin_loss_m2=0.25,
-                                    output_dim=768, transform="origin_clip"),
-    ("inshop", "ViT-B/16"): dict(processes=4, batch_size=16, epochs=128, lr=1e-5, margin_loss_m2=0.25,
-                                 output_dim=768, transform="timm"),
-    ("inshop", "ViT-L/14"): dict(processes=4, batch_size=16, epochs=128, lr=1e-5, margin_loss_m2=0.25,
-                                 output_dim=768, transform="timm"),
-    ("inshop", "ViT-L/14@336px"): dict(processes=8, batch_size=16, epochs=128, lr=1e-5, margin_loss_m2=0.25,
-                                       output_dim=768, transform="timm"),
-    ("inat", "ViT-B/16"): dict(processes=8, batch_size=128, epochs=128, lr=4e-5, margin_loss_m2=0.35,
-                               output_dim=768, transform="timm"),
-    ("inat", "ViT-L/14"): dict(processes=8, batch_size=64, epochs=64, lr=1e-5, margin_loss_m2=0.35,
-                               output_dim=768, transform="timm"),
-}
+_RUN_FIELDS = ("processes", "batch_size", "epochs", "lr", "margin_loss_m2", "output_dim", "transform")
+PUBLISHED_RUNS = {(dataset, model): dict(zip(_RUN_FIELDS, row)) for dataset, model, *row in [
+    ("sop", "ViT-B/32", 1, 64, 64, 1e-5, 0.25, 512, "origin_clip"),
+    ("sop", "ViT-B/16", 1, 64, 64, 1e-5, 0.25, 768, "origin_clip"),
+    ("sop", "ViT-L/14", 4, 16, 64, 1e-5, 0.3, 768, "origin_clip"),
+    ("sop", "ViT-L/14@336px", 8, 16, 64, 1e-5, 0.25, 768, "origin_clip"),
+    ("inshop", "ViT-B/16", 4, 16, 128, 1e-5, 0.25, 768, "timm"),
+    ("inshop", "ViT-L/14", 4, 16, 128, 1e-5, 0.25, 768, "timm"),
+    ("inshop", "ViT-L/14@336px", 8, 16, 128, 1e-5, 0.25, 768, "timm"),
+    ("inat", "ViT-B/16", 8, 128, 128, 4e-5, 0.35, 768, "timm"),
+    ("inat", "ViT-L/14", 8, 64, 64, 1e-5, 0.35, 768, "timm"),
+]}
 PUBLISHED_COMMON = dict(margin_loss_s=32.0, margin_loss_m1=1.0, margin_loss_m3=0.0, num_feat=512, sample_rate=1.0,
                         lr_pfc_weight=10.0, optimizer="adamw", weight_decay=0.0, gradient_acc=1, seed=1024)
 
