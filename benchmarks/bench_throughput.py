@@ -47,10 +47,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 import unicom
-from unicom import embed as embed_module
+from unicom import evaluate as embed_module
 from unicom.data import ImageDataset, sharded_loader
 from unicom.data.pipelines import DECODE_CHOICES, make_pipeline, normalize_on_device, pipeline_loader
-from unicom.embed import embed_loader
+from unicom.evaluate import embed_loader
 from unicom.transforms import eval_transform
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

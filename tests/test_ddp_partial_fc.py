@@ -9,7 +9,7 @@ import torch
 from dist_utils import run_in_processes
 
 from unicom.losses import CombinedMarginLoss, PartialFC
-from unicom.programs.finetune import _allreduce_sum_hook
+from unicom.training import _allreduce_sum_hook
 
 DIM, CLASSES, BATCH = 8, 7, 12
 

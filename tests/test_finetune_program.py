@@ -23,7 +23,8 @@ from dist_utils import run_in_processes  # noqa: E402
 import unicom  # noqa: E402
 from unicom.data import load_retrieval_dataset  # noqa: E402
 from unicom.losses import CombinedMarginLoss, PartialFC  # noqa: E402
-from unicom.programs import finetune  # noqa: E402
+from unicom import training  # noqa: E402
+from unicom.programs import retrieval  # noqa: E402
 from unicom.programs.retrieval import main  # noqa: E402
 from unicom.transforms import eval_transform  # noqa: E402
 
@@ -176,7 +177,7 @@ def test_gradient_accumulation_sums_micro_batch_gradients(cub, checkpoint, tmp_p
     checkpoint holds the gradient the program applied; it is recomputed here by hand, one
     micro-batch at a time (BatchNorm sees each micro-batch's own statistics, as in the run).
     """
-    real_save = finetune.save_checkpoint
+    real_save = training.save_checkpoint
 
     def save_then_stop(*args, **kwargs):
         real_save(*args, **kwargs)
@@ -184,7 +185,7 @@ def test_gradient_accumulation_sums_micro_batch_gradients(cub, checkpoint, tmp_p
 
     # 10 epochs of one optimiser step each, so that the one-cycle schedule's warm-up starts
     # at lr / 25 (with fewer steps than 1 / pct_start it has no warm-up); stop after the first.
-    monkeypatch.setattr(finetune, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(training, "save_checkpoint", save_then_stop)
     out = tmp_path / "sgd"
     lr = 0.05
     with pytest.raises(_StopAfterFirstCheckpoint):
@@ -205,7 +206,7 @@ def test_gradient_accumulation_sums_micro_batch_gradients(cub, checkpoint, tmp_p
     with torch.no_grad():
         pfc.weight.copy_(saved["partial_fc"]["weight"] + lr_centres * buffers[-1])
     train = load_retrieval_dataset("cub", cub.root, "train", eval_transform(32)).query
-    batches = finetune.EpochSampler(TRAIN_IMAGES, 5, seed=1024).batches(0)
+    batches = retrieval.EpochSampler(TRAIN_IMAGES, 5, seed=1024).batches(0)
     assert len(batches) == 3
     for batch in batches:
         images = torch.stack([train[i][0] for i in batch])
@@ -225,10 +226,10 @@ def test_gradient_accumulation_sums_micro_batch_gradients(cub, checkpoint, tmp_p
 def test_a_short_last_accumulation_group_applies_its_own_mean_gradient(cub, checkpoint, tmp_path, monkeypatch):
     """15 images in batches of 5 with --gradient_acc 2: the epoch's second step accumulates one
     micro-batch, whose gradient must be applied whole (the mean over the group), not halved."""
-    assert [finetune.group_size(m, 2, 3) for m in (1, 2, 3)] == [2, 2, 1]
-    assert [finetune.group_size(m, 3, 7) for m in range(1, 8)] == [3, 3, 3, 3, 3, 3, 1]
+    assert [training.group_size(m, 2, 3) for m in (1, 2, 3)] == [2, 2, 1]
+    assert [training.group_size(m, 3, 7) for m in range(1, 8)] == [3, 3, 3, 3, 3, 3, 1]
     captured = []
-    real_step = finetune.optimizer_step
+    real_step = training.optimizer_step
 
     def spy(optimizer, scheduler, scaler):
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -237,7 +238,7 @@ def test_a_short_last_accumulation_group_applies_its_own_mean_gradient(cub, chec
         if len(captured) == 2:
             raise _StopAfterFirstCheckpoint
 
-    monkeypatch.setattr(finetune, "optimizer_step", spy)
+    monkeypatch.setattr(training, "optimizer_step", spy)
     with pytest.raises(_StopAfterFirstCheckpoint):
         main(train_argv(cub, checkpoint, tmp_path / "out", "--batch_size", "5", "--gradient_acc", "2",
                         "--optimizer", "sgd", "--lr", "0.05"))
@@ -250,7 +251,7 @@ def test_a_short_last_accumulation_group_applies_its_own_mean_gradient(cub, chec
         for p, value in zip([*params, pfc.weight], before):
             p.copy_(value)
     train = load_retrieval_dataset("cub", cub.root, "train", eval_transform(32)).query
-    batch = finetune.EpochSampler(TRAIN_IMAGES, 5, seed=1024).batches(0)[2]  # the lone micro-batch of step 2
+    batch = retrieval.EpochSampler(TRAIN_IMAGES, 5, seed=1024).batches(0)[2]  # the lone micro-batch of step 2
     pfc(model(torch.stack([train[i][0] for i in batch])), train.labels[batch]).backward()
     for p, g in zip([*params, pfc.weight], applied):
         assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-5 * float(g.abs().max()) + 1e-7)
@@ -281,7 +282,7 @@ class _NaNAfter:
 def test_nan_in_a_later_epoch_keeps_the_last_good_checkpoint(cub, checkpoint, tmp_path, monkeypatch) -> None:
     out = tmp_path / "run"
     saved: dict[str, str] = {}
-    real_load, real_save = finetune.load_retrieval_dataset, finetune.save_checkpoint
+    real_load, real_save = retrieval.load_retrieval_dataset, training.save_checkpoint
 
     def load_going_bad(name, root, split, transform, skip):
         # The first epoch reads 3 batches of 4 training images; NaN from the second epoch on.
@@ -291,8 +292,8 @@ def test_nan_in_a_later_epoch_keeps_the_last_good_checkpoint(cub, checkpoint, tm
         real_save(folder, *args, **kwargs)
         saved.update({str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(folder).iterdir()})
 
-    monkeypatch.setattr(finetune, "load_retrieval_dataset", load_going_bad)
-    monkeypatch.setattr(finetune, "save_checkpoint", save_and_hash)
+    monkeypatch.setattr(retrieval, "load_retrieval_dataset", load_going_bad)
+    monkeypatch.setattr(training, "save_checkpoint", save_and_hash)
     with pytest.raises(FloatingPointError, match="NaN.*epoch 2"):
         main(train_argv(cub, checkpoint, out, "--epochs", "3"))
     monkeypatch.undo()
@@ -379,11 +380,11 @@ def _published_scripts() -> dict:
 
 def test_published_runs_are_the_reference_scripts() -> None:
     reference = _reference_runs()
-    assert set(reference) == set(finetune.PUBLISHED_RUNS)
+    assert set(reference) == set(retrieval.PUBLISHED_RUNS)
     for key, run in reference.items():
-        assert {k: finetune.PUBLISHED_RUNS[key][k] for k in run} == run, key
+        assert {k: retrieval.PUBLISHED_RUNS[key][k] for k in run} == run, key
     common = _published_scripts()["common"]
-    assert {k: finetune.PUBLISHED_COMMON[k] for k in common} == common
+    assert {k: retrieval.PUBLISHED_COMMON[k] for k in common} == common
 
 
 def test_published_flag_fills_in_what_the_command_line_leaves_out() -> None:

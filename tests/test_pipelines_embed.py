@@ -1,4 +1,4 @@
-"""Embeddings through the pipelines (``embedding_loader`` + ``unicom.embed.embed_loader``) equal
+"""Embeddings through the pipelines (``embedding_loader`` + ``unicom.evaluate.embed_loader``) equal
 those of the published float path, and the published reference model (``tests/published_vit.py``)
 is the published graph."""
 
@@ -18,7 +18,7 @@ from published_vit import PublishedViT  # noqa: E402
 import unicom  # noqa: E402
 from unicom.data import ImageDataset, sharded_loader  # noqa: E402
 from unicom.data.pipelines import LOADER_BATCH, embedding_loader  # noqa: E402
-from unicom.embed import embed_loader  # noqa: E402
+from unicom.evaluate import embed_loader  # noqa: E402
 from unicom.transforms import eval_transform  # noqa: E402
 from unicom.transforms import test_transform as finetune_test_transform  # noqa: E402  (not a test)
 

@@ -16,13 +16,13 @@ import os
 import pickle
 import re
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ._utils import atomic_write, unwrap_model
 from .model import ViTConfig, VisionTransformer
 
 __all__ = ["CheckpointError", "read_checkpoint", "config_from_state_dict", "save_model", "atomic_save"]
@@ -277,17 +277,8 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> ViTConfig:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` whole or not at all (see :func:`unicom._utils.atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_model(model: VisionTransformer, path: str | os.PathLike) -> None:
@@ -297,18 +288,15 @@ def save_model(model: VisionTransformer, path: str | os.PathLike) -> None:
     in its metadata, checked on load); anything else writes a ``torch.save`` zip file holding
     ``{"config": ..., "state_dict": ...}`` (its records carry CRC-32s, checked on load).
     """
-    model = getattr(model, "module", model)  # DDP
-    model = getattr(model, "_orig_mod", model)  # torch.compile
+    model = unwrap_model(model)
     state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     config = model.config.to_dict()
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
         text = json.dumps(config)
-        save_file(state_dict, str(tmp), metadata={_CONFIG_KEY: text, _INTEGRITY_KEY: tensors_digest(state_dict, text)})
-        os.replace(tmp, path)
+        data = save(state_dict, metadata={_CONFIG_KEY: text, _INTEGRITY_KEY: tensors_digest(state_dict, text)})
+        atomic_write(path, lambda f: f.write(data))
     else:
         atomic_save({"config": config, "state_dict": state_dict}, path)

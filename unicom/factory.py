@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ._utils import PRECISIONS
 from .checkpoint import CheckpointError, config_from_state_dict, mismatch, read_checkpoint
 from .model import ViTConfig, VisionTransformer
 from .pretrained import REGISTRY, get_pretrained, unknown_model_message
@@ -16,9 +17,6 @@ from .transforms import eval_transform
 __all__ = ["create_model", "load", "PRECISIONS"]
 
 logger = logging.getLogger(__name__)
-
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 def create_model(name: str, **overrides) -> VisionTransformer:
     """The architecture of a registered model with random weights; never touches the network.

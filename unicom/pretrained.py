@@ -8,11 +8,10 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
+from .hub import RELEASE_PREFIX as RELEASE_URL  # the one definition; hub imports no torch
 from .model import ViTConfig
 
 __all__ = ["PretrainedModel", "REGISTRY", "available_models", "get_pretrained"]
-
-RELEASE_URL = "https://github.com/deepglint/unicom/releases/download"
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
+from ._utils import atomic_write
 from .metrics import knn_topk
 
 __all__ = ["retrieval_grid"]
@@ -29,7 +29,7 @@ def retrieval_grid(query, gallery, data, num_queries: int, path: str | os.PathLi
                    tile: int = 128, seed: int = 0, num_feat: int | None = None) -> None:
     """Write a PNG: one row per random query (blue frame), then its top results, framed green
     when they share the query's label and red when not. ``query``/``gallery`` are
-    :class:`unicom.embed.Embeddings` (gallery None: queries search their own set, self excluded).
+    :class:`unicom.evaluate.Embeddings` (gallery None: queries search their own set, self excluded).
     """
     same_set = gallery is None
     gallery = query if same_set else gallery
@@ -59,10 +59,4 @@ def retrieval_grid(query, gallery, data, num_queries: int, path: str | os.PathLi
             x = c * tile + (tile // 4 if c else 0)  # a gap after the query column
             canvas.paste(t, (x, r * tile))
         draw.line([(tile + tile // 8, r * tile), (tile + tile // 8, (r + 1) * tile)], fill=(180, 180, 180), width=2)
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        canvas.save(partial, format="PNG")
-        os.replace(partial, path)  # whole or not at all
-    finally:
-        partial.unlink(missing_ok=True)
+    atomic_write(path, lambda f: canvas.save(f, format="PNG"))

@@ -59,7 +59,7 @@ def encode_labels(*keys: Sequence[Hashable]) -> tuple[list[torch.Tensor], list[s
     return labels, [str(c) for c in classes]
 
 
-def require(path: Path, name: str, layout: str) -> Path:
+def require_path(path: Path, name: str, layout: str) -> Path:
     """``path`` if it exists, else a FileNotFoundError naming it and the expected layout."""
     if not path.exists():
         raise FileNotFoundError(

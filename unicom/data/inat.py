@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
-from .base import RetrievalDataset, Split, encode_labels, finish, read_lines, require
+from .base import RetrievalDataset, Split, encode_labels, finish, read_lines, require_path
 from .image import ImageDataset
 
 __all__ = ["LAYOUT", "build"]
@@ -32,7 +32,7 @@ def build(
 ) -> RetrievalDataset:
     """The ``train`` or ``test`` split (set 1) of iNaturalist retrieval."""
     folder = Path(root) / "iNaturalist"
-    listing = require(folder / "Inat_dataset_splits" / f"Inaturalist_{split}_set1.txt", "inat", LAYOUT)
+    listing = require_path(folder / "Inat_dataset_splits" / f"Inaturalist_{split}_set1.txt", "inat", LAYOUT)
     relative = read_lines(listing)
     (labels,), names = encode_labels([PurePosixPath(p).parent.name for p in relative])
     paths = [str(folder / p) for p in relative]

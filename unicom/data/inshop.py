@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from .base import RetrievalDataset, Split, encode_labels, finish, read_lines, require
+from .base import RetrievalDataset, Split, encode_labels, finish, read_lines, require_path
 from .image import ImageDataset
 
 __all__ = ["LAYOUT", "read_partition", "build"]
@@ -70,7 +70,7 @@ def build(
 ) -> RetrievalDataset:
     """The ``train`` split, or the ``test`` split as query and gallery, of In-Shop."""
     folder = Path(root) / "Inshop_Clothes"
-    rows = read_partition(require(folder / "Eval" / "list_eval_partition.txt", "inshop", LAYOUT))
+    rows = read_partition(require_path(folder / "Eval" / "list_eval_partition.txt", "inshop", LAYOUT))
     if not rows:
         raise ValueError(f"{folder / 'Eval' / 'list_eval_partition.txt'} lists no image")
     base = _image_base(folder, rows[0][0])

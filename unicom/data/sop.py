@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from .base import RetrievalDataset, Split, encode_labels, finish, read_lines, require
+from .base import RetrievalDataset, Split, encode_labels, finish, read_lines, require_path
 from .image import ImageDataset
 
 __all__ = ["LAYOUT", "build"]
@@ -27,7 +27,7 @@ def build(
 ) -> RetrievalDataset:
     """The ``train`` (Ebay_train.txt) or ``test`` (Ebay_test.txt) split of SOP."""
     folder = Path(root) / "Stanford_Online_Products"
-    listing = require(folder / f"Ebay_{split}.txt", "sop", LAYOUT)
+    listing = require_path(folder / f"Ebay_{split}.txt", "sop", LAYOUT)
     rows = [line.split(None, 3) for line in read_lines(listing)[1:]]  # [1:]: the header line
     for n, row in enumerate(rows, start=2):
         if len(row) != 4:

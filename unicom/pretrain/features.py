@@ -46,7 +46,7 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from .. import distributed as dist
-from ..embed import autocast_for
+from .._utils import atomic_write, autocast_for
 from ..transforms import to_rgb
 from .webdataset import Shard, iter_shard_samples, list_shards, shard_identity
 
@@ -337,25 +337,11 @@ def _paths(output_dir: Path, name: str) -> dict[str, Path]:
     }
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    text = {"encoding": "utf-8", "newline": "\n"} if "b" not in mode else {}
-    try:
-        with open(tmp, mode, **text) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _write_shard(output_dir: Path, name: str, features: np.ndarray, keys: list[str], meta: dict) -> None:
     paths = _paths(output_dir, name)
-    _atomic_write(paths["keys"], lambda f: f.write("".join(k + "\n" for k in keys)), "w")
-    _atomic_write(paths["meta"], lambda f: f.write(json.dumps(meta, indent=1) + "\n"), "w")
-    _atomic_write(paths["features"], lambda f: np.save(f, features))  # last: marks the shard done
+    atomic_write(paths["keys"], lambda f: f.write("".join(k + "\n" for k in keys)), "w")
+    atomic_write(paths["meta"], lambda f: f.write(json.dumps(meta, indent=1) + "\n"), "w")
+    atomic_write(paths["features"], lambda f: np.save(f, features))  # last: marks the shard done
 
 
 def _read_keys(path: Path) -> list[str]:
@@ -454,7 +440,7 @@ def extract_features(
     dist.barrier()
     manifest = _manifest(output_dir, shards, config)
     if dist.is_main_process():
-        _atomic_write(output_dir / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1) + "\n"), "w")
+        atomic_write(output_dir / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1) + "\n"), "w")
         logger.info("%d samples in %d shards (%d undecodable skipped, %d without caption) -> %s",
                     manifest["num_samples"], len(shards), manifest["num_bad"], manifest["num_without_caption"],
                     output_dir)

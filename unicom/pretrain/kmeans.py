@@ -39,7 +39,6 @@ together, each with its local rows of that cluster.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -51,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import distributed as dist
+from .._utils import atomic_write, write_json
 
 __all__ = [
     "BACKENDS",
@@ -493,22 +493,12 @@ def spherical_kmeans(
     return KMeansResult(centroids, dist.all_gather_varlen(labels) if gather else labels, stats, history)
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_clustering(output_dir: str | os.PathLike, labels: torch.Tensor, centroids: torch.Tensor, stats: dict) -> None:
     """Write ``labels.npy`` (N,) int64, ``centroids.npy`` (K, d) float32 and ``stats.json``, each atomically."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    _save_npy(output_dir / "labels.npy", labels.cpu().numpy().astype(np.int64))
-    _save_npy(output_dir / "centroids.npy", centroids.cpu().numpy().astype(np.float32))
-    tmp = output_dir / f".stats.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(stats, indent=2) + "\n")
-    os.replace(tmp, output_dir / "stats.json")
+    labels_array = labels.cpu().numpy().astype(np.int64)
+    atomic_write(output_dir / "labels.npy", lambda f: np.save(f, labels_array))
+    centroids_array = centroids.cpu().numpy().astype(np.float32)
+    atomic_write(output_dir / "centroids.npy", lambda f: np.save(f, centroids_array))
+    write_json(stats, output_dir / "stats.json")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -14,9 +13,12 @@ from typing import Callable
 import torch
 
 from .. import distributed as dist
+from .._utils import PRECISIONS
 from ..data.pipelines import DECODE_CHOICES, jpeg, resolve_decode
+from ..losses import MARGIN_GRADIENTS, CombinedMarginLoss
+from ..transforms import test_transform, train_transform
 
-PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16")
+PRECISION_CHOICES = ("auto", *PRECISIONS)
 
 
 def setup_logging() -> None:
@@ -39,13 +41,18 @@ def runtime_record(args, device: torch.device) -> dict:
             "decode": resolve_decode(args.decode, device), "compile": bool(getattr(args, "compile", False))}
 
 
-def write_json(obj: dict, path: str | os.PathLike) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+def embedding_options(args, device: torch.device) -> dict:
+    """The keywords of :func:`unicom.evaluate.embed_dataset` that the runtime flags set."""
+    return dict(batch_size=args.batch_size, num_workers=args.num_workers, device=device,
+                precision=resolve_precision(args.precision, device), decode=args.decode)
+
+
+def print_retrieval(record: dict) -> None:
+    """A retrieval results record (see :meth:`unicom.evaluate.RetrievalResult.record`) as a table."""
+    lines = [f"{record['dataset']}  {record['model']}  queries={record['num_query']} gallery={record['num_gallery']}"]
+    lines += [f"  Recall@{k:<5} {v:6.2f}" for k, v in record["recall"].items()]
+    lines += [f"  MAP@R        {record['map_at_r']:6.2f}", f"  R-precision  {record['r_precision']:6.2f}"]
+    print("\n".join(lines), flush=True)
 
 
 def _decode_option(value: str) -> str:
@@ -219,6 +226,71 @@ def check_images(datasets, strict: bool = False) -> dict:
             print(f"warning: {len(damaged)} JPEG(s) with damaged data, {what}:\n  {shown}", file=sys.stderr,
                   flush=True)
     return {"damaged_images": damaged, "damaged_images_checked": available}
+
+
+def add_train_args(p: argparse.ArgumentParser, title: str = "fine-tuning (without --eval)") -> None:
+    """The published fine-tuning flags (names kept) and a few of ours (also used by pretraining)."""
+    g = p.add_argument_group(title)
+    g.add_argument("--epochs", type=non_negative_int, default=32)
+    g.add_argument("--lr", type=non_negative_float, default=1e-4, help="peak learning rate of the backbone")
+    # 10: what every published fine-tuning script passes (the published argparse default, 5, is in none)
+    g.add_argument("--lr_pfc_weight", type=non_negative_float, default=10.0,
+                   help="the class centres get lr * lr_pfc_weight (default %(default)s)")
+    g.add_argument("--weight_decay", type=non_negative_float, default=0.0)
+    g.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    g.add_argument("--gradient_acc", type=positive_int, default=1, help="micro-batches accumulated per optimiser step")
+    g.add_argument("--margin_loss_s", type=float, default=32.0)
+    g.add_argument("--margin_loss_m1", type=float, default=1.0)
+    g.add_argument("--margin_loss_m2", type=float, default=0.3)
+    g.add_argument("--margin_loss_m3", type=float, default=0.0)
+    g.add_argument("--margin-gradient", "--margin_gradient", dest="margin_gradient", default="straight-through",
+                   choices=MARGIN_GRADIENTS,
+                   help="how the margin is differentiated: straight-through (as published: the margin's value, "
+                        "the cosine's gradient) or exact (see unicom.losses.CombinedMarginLoss)")
+    g.add_argument("--sample_rate", type=fraction, default=1.0,
+                   help="share of class centres used per step (Partial FC)")
+    g.add_argument("--output_dim", type=positive_int, default=None, help="embedding size; must equal the model's")
+    g.add_argument("--transform", default="timm", choices=["timm", "origin_clip"],
+                   help="training augmentation: timm (RandAugment, random erasing) or origin_clip (eval transform)")
+    g.add_argument("--color_jitter", type=float, default=0.4)
+    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="timm auto-augment policy")
+    g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
+    g.add_argument("--remode", default="pixel")
+    g.add_argument("--recount", type=int, default=1)
+    g.add_argument("--drop_path_rate", type=float, default=0.0, help="stochastic depth for fine-tuning")
+    g.add_argument("--grad-checkpointing", "--grad_checkpointing", dest="grad_checkpointing", action="store_true",
+                   help="recompute activations in the backward pass (less memory, for the large models)")
+    g.add_argument("--resume", default=None,
+                   help="a checkpoint folder (…/checkpoints/epoch_NNNN) or 'auto' for the latest in --output")
+    g.add_argument("--log-every", "--log_every", dest="log_every", type=positive_int, default=10,
+                   help="log a progress line every N optimiser steps")
+
+
+def settings(args) -> dict:
+    """The run's flags (plain values), as checkpoints and results.json record them."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+def trainer_options(args, device: torch.device) -> dict:
+    """The keywords of :func:`unicom.training.build_trainer` that the training flags set."""
+    margin = CombinedMarginLoss(args.margin_loss_s, args.margin_loss_m1, args.margin_loss_m2, args.margin_loss_m3,
+                                args.margin_gradient)
+    return dict(margin=margin, device=device, output=args.output, batch_size=args.batch_size, lr=args.lr,
+                lr_pfc_weight=args.lr_pfc_weight, optimizer=args.optimizer, weight_decay=args.weight_decay,
+                schedule=getattr(args, "lr_schedule", "onecycle"), sample_rate=args.sample_rate,
+                num_feat=args.num_feat, precision=resolve_precision(args.precision, device),
+                gradient_acc=args.gradient_acc, log_every=args.log_every, settings=settings(args))
+
+
+def train_transforms(args, input_size: int):
+    """(training transform, its matching evaluation transform) of ``--transform`` and the
+    augmentation flags: timm's augmentation, or origin_clip's eval transform for both."""
+    if args.transform == "timm":
+        return (train_transform(input_size, "timm", color_jitter=args.color_jitter, auto_augment=args.aa,
+                                re_prob=args.reprob, re_mode=args.remode, re_count=args.recount),
+                test_transform(input_size))
+    tf = train_transform(input_size, "origin_clip")
+    return tf, tf
 
 
 def run_cli(main) -> int:

@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 
 from .. import distributed as dist
+from .._utils import write_json
 from ..data import load_image_folder
-from ..data.pipelines import embedding_loader
-from ..embed import Embeddings, embed_loader, gather_embeddings
+from ..evaluate import Embeddings, embed_dataset
 from ..factory import load
 from ..metrics import knn_topk, knn_vote_accuracy, merge_topk
-from .common import (add_runtime_args, check_images, count_or_all, non_empty, non_negative_int, output_dir,
-                     positive_float32, positive_int, resolve_precision, runtime_record, seed, setup_logging, write_json)
+from .common import (add_runtime_args, check_images, count_or_all, embedding_options, non_empty, non_negative_int,
+                     output_dir, positive_float32, positive_int, runtime_record, seed, setup_logging)
 
 logger = logging.getLogger("unicom.knn")
 
@@ -86,10 +86,10 @@ def shard_topk(query: torch.Tensor, train: torch.Tensor, train_ids: torch.Tensor
     return best_sims, best_ids
 
 
-def global_topk(query: torch.Tensor, train: Embeddings, k: int, args) -> tuple[torch.Tensor, torch.Tensor]:
+def global_topk(query: torch.Tensor, train: Embeddings, k: int, chunk_size: int,
+                stream_rows: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k over the training rows of all processes: search the local shard, gather, merge."""
-    stream = args.train_chunk_rows if args.gather_on_cpu else None
-    sims, ids = shard_topk(query, train.features, train.indices, k, args.chunk_size, stream)
+    sims, ids = shard_topk(query, train.features, train.indices, k, chunk_size, stream_rows)
     # (k_local, Q) rows gathered from every process -> (sum k_local, Q) -> (Q, sum k_local)
     sims = dist.all_gather_varlen(sims.t().contiguous()).t()
     ids = dist.all_gather_varlen(ids.t().contiguous()).t()
@@ -107,16 +107,12 @@ def few_shot_subset(labels: torch.Tensor, valid: torch.Tensor, n_per_class: int,
     return mask
 
 
-def evaluate(model, train_set, val_set, args, device, precision) -> dict:
+def evaluate(model, train_set, val_set, args, device) -> dict:
     """kNN accuracies for each k (and each few-shot subset), as fractions."""
     start = time.perf_counter()
-    loader, preprocess = embedding_loader(train_set, args.decode, args.batch_size, args.num_workers, device)
-    train = embed_loader(model, loader, device, precision, desc="train", preprocess=preprocess,
-                         batch_size=args.batch_size).valid()
-    loader, preprocess = embedding_loader(val_set, args.decode, args.batch_size, args.num_workers, device)
-    val = embed_loader(model, loader, device, precision, desc="val", preprocess=preprocess,
-                       batch_size=args.batch_size)
-    val = gather_embeddings(val)
+    options = embedding_options(args, device)
+    train = embed_dataset(model, train_set, gather=False, desc="train", **options).valid()  # this process's shard
+    val = embed_dataset(model, val_set, desc="val", **options)
     seconds_embed = time.perf_counter() - start
     num_train = int(dist.all_reduce_sum(torch.tensor([train.features.shape[0]], device=device)).item())
     skipped_train = len(train_set) - num_train
@@ -141,8 +137,9 @@ def evaluate(model, train_set, val_set, args, device, precision) -> dict:
             if t is not None:
                 mask = few_shot_subset(all_labels.cpu(), all_labels.cpu() >= 0, n_per_class, seed=args.seed + t)
                 keep = mask[train.indices.cpu()].to(train.indices.device)
-                subset = Embeddings(train.features[keep], train.labels[keep], train.indices[keep], train.ok[keep])
-            sims, ids = global_topk(val.features, subset, max(ks) if t is not None else max_k, args)
+                subset = train.select(keep)
+            sims, ids = global_topk(val.features, subset, max(ks) if t is not None else max_k, args.chunk_size,
+                                    args.train_chunk_rows if args.gather_on_cpu else None)
             per_try.append(knn_vote_accuracy(sims, all_labels[ids.to(device)], val.labels, ks, args.temperature,
                                              num_classes, args.chunk_size))
         averaged = {k: {m: sum(r[k][m] for r in per_try) / len(per_try) for m in ("top1", "top5")} for k in ks}
@@ -171,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         val_set = load_image_folder(args.val_dataset, transform, args.skip_bad_images,
                                     class_to_idx={c: i for i, c in enumerate(train_set.classes)})
         damaged = check_images([train_set, val_set], args.strict_images)
-        result = evaluate(model, train_set, val_set, args, device, resolve_precision(args.precision, device))
+        result = evaluate(model, train_set, val_set, args, device)
         if dist.is_main_process():
             record = {
                 **damaged,

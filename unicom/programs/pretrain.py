@@ -30,45 +30,29 @@ Recall@K / MAP@R on ``--eval-dataset`` when given), and checkpoints as in fine-t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
-import random
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from .. import distributed as dist
+from .._utils import write_json
 from ..checkpoint import save_model
 from ..data import load_retrieval_dataset
 from ..data.registry import available_datasets
-from ..embed import autocast_for
+from ..evaluate import evaluate_retrieval
 from ..factory import create_model
-from ..losses import CombinedMarginLoss, PartialFC
 from ..model import VisionTransformer
 from ..pretrain.dataset import InMemoryReader, PseudoLabels, PseudoLabelStream, ShardReader
-from ..transforms import eval_transform, train_transform
-from .common import (add_runtime_args, check_images, non_negative_int, output_dir, positive_int, resolve_precision,
-                     seed, setup_logging, write_json)
-from .finetune import (
-    CHECKPOINTS,
-    StepLogger,
-    _allreduce_sum_hook,
-    _check_finite,
-    add_train_args,
-    backward,
-    build_optimizer,
-    find_resume,
-    group_size,
-    load_checkpoint,
-    optimizer_step,
-    save_checkpoint,
-    unwrap,
-)
+from ..training import SCHEDULES, build_trainer, seed_everything, train_epoch
+from ..transforms import eval_transform
+from .common import (add_runtime_args, add_train_args, check_images, embedding_options, non_negative_int, output_dir,
+                     positive_int, print_retrieval, seed, setup_logging,
+                     train_transforms, trainer_options)
 
 logger = logging.getLogger("unicom.pretrain")
 
@@ -113,7 +97,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--num_feat", type=int, default=None,
                    help="Partial FC feature sampling: dimensions used per step (default: all)")
     p.add_argument("--lr-schedule", "--lr_schedule", dest="lr_schedule", default="onecycle",
-                   choices=["onecycle", "cosine"], help="per optimiser step; both warm up over the first 10%%")
+                   choices=list(SCHEDULES), help="per optimiser step; both warm up over the first 10%%")
     p.add_argument("--save-every", "--save_every", dest="save_every", type=int, default=0,
                    help="also checkpoint every N optimiser steps within an epoch (0: at epoch ends only)")
     p.add_argument("--eval-dataset", "--eval_dataset", dest="eval_dataset", default=None,
@@ -210,31 +194,7 @@ def epoch_batches(stream: PseudoLabelStream, epoch: int, num_batches: int, args,
                     "(new shuffle)", epoch + 1, produced, num_batches)
 
 
-def build_scheduler(args, optimizer, total_steps: int):
-    max_lr = [args.lr, args.lr * args.lr_pfc_weight]
-    if args.lr_schedule == "onecycle":
-        # OneCycleLR divides by pct_start * total - 1: avoid exactly one warm-up step (see finetune)
-        pct_start = 0.1 if 0.1 * total_steps != 1 else 0.1 + 1e-6
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=max(total_steps, 1),
-                                                   pct_start=pct_start)
-    warmup = max(int(0.1 * total_steps), 1)
-
-    def factor(step: int) -> float:  # linear warm-up, then half a cosine down to zero
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(step - warmup, total_steps - warmup) / max(total_steps - warmup, 1)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 # ----------------------------------------------------------------------------- training
-
-
-def _eval_args(args) -> argparse.Namespace:
-    """What retrieval.evaluate/report read, for the model being trained: the whole embedding
-    (Partial FC's --num_feat picks random dimensions per step, not a prefix to evaluate)."""
-    return argparse.Namespace(**{**vars(args), "model_name": str(Path(args.output) / "model_last.pt"),
-                                 "num_feat": None})
 
 
 def _load_history(output: Path, epochs_done: int) -> list[dict]:
@@ -246,37 +206,17 @@ def _load_history(output: Path, epochs_done: int) -> list[dict]:
 
 def train(args, device: torch.device) -> int:
     """Pretrain a ViT from random weights on pseudo labels; see the module docstring."""
-    from .retrieval import evaluate, report
-
-    if args.gradient_acc < 1:
-        raise ValueError("--gradient_acc must be >= 1")
-    output = Path(args.output)
-    precision = resolve_precision(args.precision, device)
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("--precision fp16 training needs a GPU; use bf16 or fp32 on the CPU")
-
     model = build_model(args)
     config = model.config
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(args.seed + rank)
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    if args.num_feat is not None and not 0 < args.num_feat <= config.embedding_size:
-        raise ValueError(f"--num_feat must be in 1..{config.embedding_size}")
+    seed_everything(args.seed)
     model.set_grad_checkpointing(args.grad_checkpointing)
-    n_px = config.input_size
-    if args.transform == "timm":
-        tf_train = train_transform(n_px, "timm", color_jitter=args.color_jitter, auto_augment=args.aa,
-                                   re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
-    else:
-        tf_train = train_transform(n_px, "origin_clip")
-    stream, labels = build_train_data(args, tf_train)
+    stream, labels = build_train_data(args, train_transforms(args, config.input_size)[0])
     test_data = None
     if args.eval_dataset:
-        test_data = load_retrieval_dataset(args.eval_dataset, args.data_root, "test", eval_transform(n_px),
+        test_data = load_retrieval_dataset(args.eval_dataset, args.data_root, "test", eval_transform(config.input_size),
                                            args.skip_bad_images)
         check_images([test_data.query, test_data.gallery], args.strict_images)
-
+    world = dist.get_world_size()
     samples = args.samples_per_epoch or labels.num_samples
     micro_per_epoch = samples // (world * args.batch_size)
     if micro_per_epoch == 0:
@@ -286,95 +226,39 @@ def train(args, device: torch.device) -> int:
     total_steps = args.epochs * steps_per_epoch
     logger.info("%d pseudo classes, %d samples per epoch: %d optimiser steps per epoch, %d in all; model %s",
                 labels.num_classes, samples, steps_per_epoch, total_steps, config)
-
-    model = model.to(device).train()
-    if world > 1 and device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    ddp = model
-    if world > 1:
-        ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-        ddp.register_comm_hook(None, _allreduce_sum_hook)
-    margin = CombinedMarginLoss(args.margin_loss_s, args.margin_loss_m1, args.margin_loss_m2, args.margin_loss_m3,
-                                args.margin_gradient)
-    pfc = PartialFC(margin, config.embedding_size, labels.num_classes, args.sample_rate, args.num_feat).to(device)
-    optimizer = build_optimizer(args, model, pfc)
-    scheduler = build_scheduler(args, optimizer, total_steps)
-    scaler = torch.amp.GradScaler(device.type, growth_interval=200) if precision == "fp16" else None
-
-    start_epoch, step, best = 0, 0, -1.0
-    resumed_loss = [0.0, 0.0]  # (sum, count) of the epoch's losses before a mid-epoch checkpoint
-    if args.resume:
-        folder = find_resume(args.resume, output)
-        if folder is not None:
-            start_epoch, step, best, extra = load_checkpoint(folder, model, pfc, optimizer, scheduler, scaler)
-            resumed_loss = extra.get("epoch_loss", resumed_loss)
-    history = _load_history(output, start_epoch)
-
-    log = StepLogger(args.log_every, total_steps, args.batch_size * args.gradient_acc * world)
-    pin = device.type == "cuda"
-    for epoch in range(start_epoch, args.epochs):
-        ddp.train()
-        pfc.train()
-        done_in_epoch = step - epoch * steps_per_epoch  # > 0 when resuming a --save-every checkpoint
-        if done_in_epoch:
-            logger.info("epoch %d: skipping the %d optimiser steps already done", epoch + 1, done_in_epoch)
-        loss_sum = torch.zeros((), device=device)
-        epoch_loss = torch.zeros(2, dtype=torch.float64, device=device)  # (sum, count) over the epoch
-        if done_in_epoch:
-            epoch_loss += torch.tensor(resumed_loss, dtype=torch.float64, device=device)
-        count = 0
-        finite = torch.ones((), dtype=torch.bool, device=device)
-        micro = done_in_epoch * args.gradient_acc
-        for images, targets in epoch_batches(stream, epoch, micro_per_epoch, args, pin, skip=micro):
-            images = images.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            micro += 1
-            last_micro = micro % args.gradient_acc == 0 or micro == micro_per_epoch
-            sync = contextlib.nullcontext() if last_micro or ddp is model else ddp.no_sync()
-            with sync:
-                with autocast_for(device, precision):
-                    embeddings = ddp(images)  # (B, embedding_size)
-                loss = pfc(embeddings.float(), targets)
-                backward(loss, group_size(micro, args.gradient_acc, micro_per_epoch), scaler)
-            finite &= torch.isfinite(loss.detach())
-            loss_sum += loss.detach()
-            epoch_loss += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
-            count += 1
-            if not last_micro:
-                continue
-            optimizer_step(optimizer, scheduler, scaler)
-            step += 1
-            if step % args.log_every == 0 or step == total_steps:
-                _check_finite(finite, loss_sum, epoch, step)
-                log(step, loss_sum, count, scheduler)
-                loss_sum.zero_()
-                count = 0
-            if args.save_every and step % args.save_every == 0 and step < (epoch + 1) * steps_per_epoch:
-                _check_finite(finite, loss_sum, epoch, step)
-                save_checkpoint(output / CHECKPOINTS / f"epoch_{epoch:04d}_step_{step:09d}", ddp, pfc, optimizer,
-                                scheduler, scaler, epoch, step, best, args, extra={"epoch_loss": epoch_loss.tolist()})
-        _check_finite(finite, loss_sum, epoch, step)
-
+    trainer = build_trainer(model, num_classes=labels.num_classes, total_steps=total_steps,
+                            **trainer_options(args, device))
+    resumed_loss = trainer.resume(args.resume).get("epoch_loss")  # (sum, count) before a mid-epoch checkpoint
+    output = Path(args.output)
+    history = _load_history(output, trainer.epoch)
+    for epoch in range(trainer.epoch, args.epochs):
+        done = trainer.step - epoch * steps_per_epoch  # > 0 when resuming a --save-every checkpoint
+        if done:
+            logger.info("epoch %d: skipping the %d optimiser steps already done", epoch + 1, done)
+        micro = done * args.gradient_acc
+        batches = epoch_batches(stream, epoch, micro_per_epoch, args, device.type == "cuda", skip=micro)
+        epoch_loss = train_epoch(trainer, batches, micro_per_epoch, first_micro=micro, save_every=args.save_every,
+                                 epoch_loss=resumed_loss if done else None)
         # PartialFC's loss is already the mean over all processes' samples: average the means
-        entry = {"epoch": epoch + 1, "step": step, "loss": float(epoch_loss[0] / max(float(epoch_loss[1]), 1))}
-        dist.broadcast_buffers(unwrap(ddp))  # one model: rank 0's BatchNorm statistics everywhere
+        entry = {"epoch": epoch + 1, "step": trainer.step, "loss": float(epoch_loss[0] / max(float(epoch_loss[1]), 1))}
         if test_data is not None:
-            result = evaluate(unwrap(ddp), test_data, _eval_args(args), device, precision)
-            best = max(best, result["recall"][test_data.ks[0]])
-            entry.update(recall={str(k): 100.0 * v for k, v in result["recall"].items()},
-                         map_at_r=100.0 * result["map_at_r"])
+            # the whole embedding: Partial FC's --num_feat picks random dimensions per step, not a prefix
+            result = evaluate_retrieval(trainer.model, test_data.query, test_data.gallery, ks=test_data.ks,
+                                        chunk_size=args.chunk_size, **embedding_options(args, device))
+            trainer.best = max(trainer.best, result.metrics["recall"][test_data.ks[0]])
+            record = result.record()
+            entry.update(recall=record["recall"], map_at_r=record["map_at_r"])
         history.append(entry)
         if dist.is_main_process():
-            save_model(unwrap(ddp), output / "model_last.pt")
+            save_model(trainer.model, output / "model_last.pt")
             logger.info("epoch %d/%d: mean loss %.4f", epoch + 1, args.epochs, entry["loss"])
             if test_data is not None:
-                report(result, test_data, _eval_args(args))  # prints the table
+                print_retrieval({"dataset": test_data.name, "model": str(output / "model_last.pt"), **record})
             write_json(_record(args, labels, config, history, world), output / "results.json")
-        save_checkpoint(output / CHECKPOINTS / f"epoch_{epoch + 1:04d}", ddp, pfc, optimizer, scheduler, scaler,
-                        epoch + 1, step, best, args)
+        trainer.finish_epoch()
     if dist.is_main_process():
         if not (output / "model_last.pt").exists():  # --epochs 0: the random initialisation
-            save_model(unwrap(ddp), output / "model_last.pt")
+            save_model(trainer.model, output / "model_last.pt")
         write_json(_record(args, labels, config, history, world), output / "results.json")
     dist.barrier()
     return 0

@@ -2,31 +2,37 @@
 
     torchrun --nproc_per_node 8 retrieval.py --eval --dataset cub --model_name ViT-B/32
     python retrieval.py --eval --dataset digits --model_name ViT-B/32
+    python retrieval.py --dataset sop --model_name ViT-B/32 --published --output runs/sop
+
+Fine-tuning (without ``--eval``): margin softmax with Partial FC on the train split, the
+test split evaluated after each epoch, checkpoints from which ``--resume auto`` continues a
+killed run exactly (see unicom/training.py, which holds the loop).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import time
-from dataclasses import dataclass
+import math
 from pathlib import Path
 
 import torch
 
 from .. import distributed as dist
-from ..data import RetrievalDataset, load_retrieval_dataset
-from ..data.pipelines import embedding_loader
+from .._utils import unwrap_model, write_json
+from ..checkpoint import save_model
+from ..data import load_retrieval_dataset
+from ..data.loader import collate
 from ..data.registry import available_datasets
-from ..embed import Embeddings, embed_loader, gather_embeddings
+from ..evaluate import evaluate_retrieval
 from ..factory import load
-from ..metrics import retrieval_metrics
-from .common import (add_runtime_args, check_images, non_empty, non_negative_int, output_dir, positive_int,
-                     resolve_precision, runtime_record, seed, setup_logging, write_json)
-from .finetune import PUBLISHED_RUNS, add_train_args, published_settings, train
+from ..training import build_trainer, seed_everything, train_epoch
+from .common import (add_runtime_args, add_train_args, check_images, embedding_options, non_empty, non_negative_int,
+                     output_dir, positive_int, seed,
+                     print_retrieval, runtime_record, settings, setup_logging, train_transforms,
+                     trainer_options)
 
 logger = logging.getLogger("unicom.retrieval")
-
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("retrieval", add_help=add_help, description=__doc__,
@@ -55,6 +61,36 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add_runtime_args(p)
     add_train_args(p)
     return p
+
+
+# The published fine-tuning scripts, as data: (dataset, model) -> processes x batch per process,
+# epochs, peak lr, ArcFace margin m2, embedding size, augmentation. Every one of them also uses
+# the settings in PUBLISHED_COMMON. ``retrieval.py --published`` starts from these.
+_RUN_FIELDS = ("processes", "batch_size", "epochs", "lr", "margin_loss_m2", "output_dim", "transform")
+PUBLISHED_RUNS = {(dataset, model): dict(zip(_RUN_FIELDS, row)) for dataset, model, *row in [
+    ("sop", "ViT-B/32", 1, 64, 64, 1e-5, 0.25, 512, "origin_clip"),
+    ("sop", "ViT-B/16", 1, 64, 64, 1e-5, 0.25, 768, "origin_clip"),
+    ("sop", "ViT-L/14", 4, 16, 64, 1e-5, 0.3, 768, "origin_clip"),
+    ("sop", "ViT-L/14@336px", 8, 16, 64, 1e-5, 0.25, 768, "origin_clip"),
+    ("inshop", "ViT-B/16", 4, 16, 128, 1e-5, 0.25, 768, "timm"),
+    ("inshop", "ViT-L/14", 4, 16, 128, 1e-5, 0.25, 768, "timm"),
+    ("inshop", "ViT-L/14@336px", 8, 16, 128, 1e-5, 0.25, 768, "timm"),
+    ("inat", "ViT-B/16", 8, 128, 128, 4e-5, 0.35, 768, "timm"),
+    ("inat", "ViT-L/14", 8, 64, 64, 1e-5, 0.35, 768, "timm"),
+]}
+PUBLISHED_COMMON = dict(margin_loss_s=32.0, margin_loss_m1=1.0, margin_loss_m3=0.0, num_feat=512, sample_rate=1.0,
+                        lr_pfc_weight=10.0, optimizer="adamw", weight_decay=0.0, gradient_acc=1, seed=1024)
+
+
+def published_settings(dataset: str, model_name: str) -> dict:
+    """The flags of the published fine-tuning script for ``dataset`` and ``model_name`` (without
+    ``processes``, the number of GPUs it ran on); a ValueError names the runs that exist."""
+    run = PUBLISHED_RUNS.get((dataset, model_name))
+    if run is None:
+        runs = ", ".join(f"{d} {m}" for d, m in PUBLISHED_RUNS)
+        raise ValueError(f"no published fine-tuning run for --dataset {dataset} --model_name {model_name}; "
+                         f"published: {runs}")
+    return {**PUBLISHED_COMMON, **{k: v for k, v in run.items() if k != "processes"}}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -87,80 +123,124 @@ def _compare_with_published(args) -> None:
                        published, world, args.batch_size, world * args.batch_size)
 
 
-def embed_dataset(model, dataset, args, device, precision: str, desc: str) -> Embeddings:
-    """Embed ``dataset`` sharded across processes; every process gets all rows, in dataset order."""
-    loader, preprocess = embedding_loader(dataset, args.decode, args.batch_size, args.num_workers, device)
-    local = embed_loader(model, loader, device, precision, desc=desc, preprocess=preprocess,
-                         batch_size=args.batch_size)
-    gathered = gather_embeddings(local)
-    order = torch.arange(len(dataset), device=gathered.indices.device)
-    if not torch.equal(gathered.indices, order):
-        raise RuntimeError("internal error: gathered embeddings are not in dataset order")
-    return gathered
+def _evaluate(model, data, args, device) -> tuple[dict, object]:
+    """Evaluate ``model`` on ``data``: (the results.json record, the :class:`RetrievalResult`)."""
+    result = evaluate_retrieval(model, data.query, data.gallery, ks=data.ks, num_feat=args.num_feat,
+                                chunk_size=args.chunk_size, **embedding_options(args, device))
+    record = {"dataset": data.name, "model": str(args.model_name), **result.record()}
+    if dist.is_main_process():
+        print_retrieval(record)
+    return record, result
 
 
-@dataclass
-class Evaluation:
-    """The metrics of one evaluation (fractions) and the embeddings they came from (valid rows)."""
+def evaluate(args, device: torch.device) -> int:
+    """``--eval``: zero-shot retrieval of ``--model_name`` on ``--dataset``'s test split."""
+    torch.manual_seed(args.seed)
+    model, transform = load(args.model_name, device=device, compile=args.compile)
+    size = unwrap_model(model).config.embedding_size
+    if args.num_feat is not None and args.num_feat > size:
+        raise ValueError(f"--num_feat {args.num_feat} is larger than the model's embedding ({size})")
+    data = load_retrieval_dataset(args.dataset, args.data_root, "test", transform, args.skip_bad_images)
+    damaged = check_images([data.query, data.gallery], args.strict_images)
+    record, result = _evaluate(model, data, args, device)
+    if dist.is_main_process():
+        write_json({**record, **damaged, **runtime_record(args, device)}, Path(args.output) / "results.json")
+        if args.visualize:
+            from ..visualize import retrieval_grid
 
-    metrics: dict
-    query: Embeddings
-    gallery: Embeddings | None
+            path = Path(args.output) / "retrieval_examples.png"
+            retrieval_grid(result.query, result.gallery, data, args.visualize, path, seed=args.seed,
+                           num_feat=args.num_feat)
+            logger.info("wrote %s", path)
+    dist.barrier()
+    return 0
 
 
-def run_evaluation(model, data: RetrievalDataset, args, device: torch.device, precision: str) -> Evaluation:
-    """Embed query (and gallery) sets and compute Recall@K, MAP@R and R-precision (fractions)."""
-    start = time.perf_counter()
-    query = embed_dataset(model, data.query, args, device, precision, "query")
-    gallery = embed_dataset(model, data.gallery, args, device, precision, "gallery") if data.gallery else None
-    seconds_embed = time.perf_counter() - start
-    num_images = len(data.query) + (len(data.gallery) if data.gallery else 0)
-    skipped = query.num_skipped + (gallery.num_skipped if gallery else 0)
-    if skipped:
-        logger.warning("left out %d images that could not be decoded", skipped)
-    query = query.valid()
-    gallery = gallery.valid() if gallery else None
-    dims = slice(None) if args.num_feat is None else slice(0, args.num_feat)
-    metrics = retrieval_metrics(
-        query.features[:, dims], query.labels,
-        gallery.features[:, dims] if gallery else None, gallery.labels if gallery else None,
-        ks=data.ks, chunk_size=args.chunk_size,
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+class EpochSampler:
+    """Shuffled per epoch (seed + epoch), split evenly over processes, whole batches only.
+
+    Every process gets the same number of batches (DDP and Partial FC need every process in
+    every step); the few images beyond the last whole batch of an epoch are left out of it.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int) -> None:
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.batches_per_epoch = num_items // self.world // batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"{num_items} training images are too few for {self.world} process(es) x batch size {batch_size}"
+            )
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + epoch))
+        per_rank = self.batches_per_epoch * self.batch_size
+        mine = order[self.rank :: self.world][:per_rank].tolist()
+        return [mine[i : i + self.batch_size] for i in range(0, per_rank, self.batch_size)]
+
+
+def train_loader(dataset, sampler: EpochSampler, epoch: int, args, pin: bool):
+    from ..data.loader import collate
+
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler.batches(epoch), num_workers=args.num_workers, collate_fn=collate,
+        pin_memory=pin, persistent_workers=False,
     )
-    metrics.update(
-        skipped_images=skipped,
-        images_per_second=num_images / max(seconds_embed, 1e-9),
-        seconds=time.perf_counter() - start,
-    )
-    return Evaluation(metrics, query, gallery)
 
 
-def evaluate(model, data: RetrievalDataset, args, device: torch.device, precision: str) -> dict:
-    """The metrics of :func:`run_evaluation` (for the training loops' per-epoch evaluation)."""
-    return run_evaluation(model, data, args, device, precision).metrics
+def _decoded(loader):
+    """(images, labels) batches; undecodable images (with --skip-bad-images) dropped, never replaced."""
+    for images, labels, _, ok in loader:
+        yield (images, labels) if bool(ok.all()) else (images[ok], labels[ok])
 
 
-def report(result: dict, data: RetrievalDataset, args) -> dict:
-    """The results.json record (percentages) and a printed table."""
-    record = {
-        "dataset": data.name,
-        "model": str(args.model_name),
-        "num_query": result["num_query"],
-        "num_gallery": result["num_gallery"],
-        "world_size": dist.get_world_size(),
-        "num_feat": args.num_feat,  # None: every embedding dimension
-        "recall": {str(k): 100.0 * v for k, v in result["recall"].items()},
-        "map_at_r": 100.0 * result["map_at_r"],
-        "r_precision": 100.0 * result["r_precision"],
-        "num_lone_queries": result["num_lone_queries"],
-        "skipped_images": result["skipped_images"],
-        "images_per_second": result["images_per_second"],
-        "seconds": result["seconds"],
-    }
-    lines = [f"{data.name}  {args.model_name}  queries={record['num_query']} gallery={record['num_gallery']}"]
-    lines += [f"  Recall@{k:<5} {v:6.2f}" for k, v in record["recall"].items()]
-    lines += [f"  MAP@R        {record['map_at_r']:6.2f}", f"  R-precision  {record['r_precision']:6.2f}"]
-    print("\n".join(lines), flush=True)
-    return record
+def train(args, device: torch.device) -> int:
+    """Fine-tune ``--model_name`` on ``--dataset``'s train split; evaluate on its test split each epoch."""
+    seed_everything(args.seed)
+    model, _ = load(args.model_name, device="cpu")
+    config = model.config
+    if args.output_dim is not None and args.output_dim != config.embedding_size:
+        raise ValueError(f"--output_dim {args.output_dim} differs from the model's embedding size "
+                         f"{config.embedding_size}")
+    if args.drop_path_rate:
+        depth = len(model.blocks)
+        for i, block in enumerate(model.blocks):
+            block.drop_path.p = args.drop_path_rate * i / max(depth - 1, 1)
+    model.set_grad_checkpointing(args.grad_checkpointing)
+    tf_train, tf_test = train_transforms(args, config.input_size)
+    train_data = load_retrieval_dataset(args.dataset, args.data_root, "train", tf_train, args.skip_bad_images)
+    test_data = load_retrieval_dataset(args.dataset, args.data_root, "test", tf_test, args.skip_bad_images)
+    damaged = check_images([train_data.query, test_data.query, test_data.gallery], args.strict_images)
+    sampler = EpochSampler(len(train_data.query), args.batch_size, args.seed)
+    total_steps = args.epochs * math.ceil(sampler.batches_per_epoch / args.gradient_acc)
+    trainer = build_trainer(model, num_classes=train_data.num_classes, total_steps=total_steps,
+                            **trainer_options(args, device))
+    trainer.resume(args.resume)
+    output, record, start = Path(args.output), {}, trainer.epoch
+    for epoch in range(start, args.epochs):
+        loader = torch.utils.data.DataLoader(
+            train_data.query, batch_sampler=sampler.batches(epoch), num_workers=args.num_workers,
+            collate_fn=collate, pin_memory=device.type == "cuda", persistent_workers=False)
+        train_epoch(trainer, _decoded(loader), sampler.batches_per_epoch)
+        record, result = _evaluate(trainer.model, test_data, args, device)
+        score = result.metrics["recall"][test_data.ks[0]]
+        trainer.best = max(trainer.best, score)
+        record.update(epoch=epoch + 1, best_recall_at_1=100.0 * trainer.best)
+        if dist.is_main_process():
+            save_model(trainer.model, output / "model_last.pt")
+            if score >= trainer.best:
+                save_model(trainer.model, output / "model_best.pt")
+        trainer.finish_epoch()
+    if start >= args.epochs:  # resumed a finished run: report it again (every rank embeds)
+        record, _ = _evaluate(trainer.model, test_data, args, device)
+        record.update(epoch=args.epochs, best_recall_at_1=100.0 * trainer.best)
+    if dist.is_main_process():
+        write_json({**record, **damaged, "settings": settings(args)}, output / "results.json")
+    dist.barrier()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,33 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     device = dist.setup(args.device)
     setup_logging()
     try:
-        if not args.eval:
-            if args.published:
-                _compare_with_published(args)
-            if args.compile:
-                raise ValueError("--compile applies to --eval (embedding with a frozen model); fine-tuning runs "
-                                 "eagerly")
-            return train(args, device)
-        torch.manual_seed(args.seed)
-        model, transform = load(args.model_name, device=device, compile=args.compile)
-        size = getattr(model, "_orig_mod", model).config.embedding_size
-        if args.num_feat is not None and args.num_feat > size:
-            raise ValueError(f"--num_feat {args.num_feat} is larger than the model's embedding ({size})")
-        data = load_retrieval_dataset(args.dataset, args.data_root, "test", transform, args.skip_bad_images)
-        damaged = check_images([data.query, data.gallery], args.strict_images)
-        precision = resolve_precision(args.precision, device)
-        evaluation = run_evaluation(model, data, args, device, precision)
-        if dist.is_main_process():
-            record = {**report(evaluation.metrics, data, args), **damaged, **runtime_record(args, device)}
-            write_json(record, Path(args.output) / "results.json")
-            if args.visualize:
-                from ..visualize import retrieval_grid
-
-                path = Path(args.output) / "retrieval_examples.png"
-                retrieval_grid(evaluation.query, evaluation.gallery, data, args.visualize, path,
-                               seed=args.seed, num_feat=args.num_feat)
-                logger.info("wrote %s", path)
-        dist.barrier()
-        return 0
+        if args.eval:
+            return evaluate(args, device)
+        if args.published:
+            _compare_with_published(args)
+        if args.compile:
+            raise ValueError("--compile applies to --eval (embedding with a frozen model); fine-tuning runs eagerly")
+        return train(args, device)
     finally:
         dist.cleanup()

@@ -94,5 +94,5 @@ class InputPipeline(ABC):
 
     def to_device(self, batch: Batch, ok: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """A loader's batch -> (float32 normalised (B, 3, n_px, n_px) on ``device``, ok (B,)): the
-        ``preprocess`` of :func:`unicom.embed.embed_loader`."""
+        ``preprocess`` of :func:`unicom.evaluate.embed_loader`."""
         return normalize_on_device(self.pixels(batch, device)), ok

@@ -66,7 +66,7 @@ def pipeline_loader(dataset: ImageDataset, pipeline: InputPipeline, batch_size: 
 
     Like :func:`unicom.data.loader.sharded_loader` (same shards, order and item indices), with
     pinned host memory for CUDA devices and a deeper prefetch queue. Give ``pipeline.to_device``
-    to :func:`unicom.embed.embed_loader` as ``preprocess``. ``normalize_in_workers`` (default:
+    to :func:`unicom.evaluate.embed_loader` as ``preprocess``. ``normalize_in_workers`` (default:
     for CPU devices) normalises the uint8 crops of ``exact`` in the workers.
 
     ``use_slots`` (default: with worker processes, unless the workers normalise): the workers
@@ -101,7 +101,7 @@ def pipeline_loader(dataset: ImageDataset, pipeline: InputPipeline, batch_size: 
 def embedding_loader(dataset: ImageDataset, decode: str, batch_size: int, num_workers: int,
                      device: torch.device | str = "cpu", rank: int | None = None, world_size: int | None = None,
                      loader_batch_size: int | None = None) -> tuple[DataLoader, Callable | None]:
-    """(loader, preprocess) to embed ``dataset`` with :func:`unicom.embed.embed_loader`.
+    """(loader, preprocess) to embed ``dataset`` with :func:`unicom.evaluate.embed_loader`.
 
     When the dataset's transform is the published eval or test transform, the ``decode``
     pipeline replaces it (same pixels for ``auto``, ``exact`` and ``device-resize``); any other

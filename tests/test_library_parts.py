@@ -1,0 +1,72 @@
+"""The library parts behind the programs, called as from a notebook: keyword parameters, no flags."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import synthetic_datasets as synth  # noqa: E402
+
+import unicom  # noqa: E402
+from unicom._utils import atomic_write, unwrap_model, write_json  # noqa: E402
+from unicom.data import load_retrieval_dataset  # noqa: E402
+from unicom.evaluate import embed_dataset, evaluate_retrieval  # noqa: E402
+from unicom.metrics import retrieval_metrics  # noqa: E402
+
+pytestmark = [pytest.mark.filterwarnings("ignore::unicom.data.DatasetCountWarning"),
+              pytest.mark.usefixtures("one_thread")]
+
+
+def test_atomic_write_is_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "sub" / "record.json"
+    write_json({"a": 1}, path)
+    assert json.loads(path.read_text()) == {"a": 1} and path.read_text().endswith("\n")
+
+    def half_then_fail(f):
+        f.write('{"a": ')
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        atomic_write(path, half_then_fail, "w")
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert os.listdir(path.parent) == ["record.json"]  # no temporary file left behind
+
+
+def test_unwrap_model_sees_through_compile_and_ddp_wrappers():
+    model = unicom.VisionTransformer(input_size=16, patch_size=8, dim=32, embedding_size=8, depth=1, num_heads=1)
+
+    class Wrapper(torch.nn.Module):  # what DistributedDataParallel and torch.compile expose
+        def __init__(self, attribute: str, inner: torch.nn.Module) -> None:
+            super().__init__()
+            setattr(self, attribute, inner)
+
+    assert unwrap_model(model) is model
+    assert unwrap_model(Wrapper("module", Wrapper("_orig_mod", model))) is model
+
+
+def test_evaluate_retrieval_with_keywords_matches_the_metrics_of_the_model_outputs(tmp_path, checkpoint):
+    written = synth.make_cub(tmp_path, num_classes=6, per_class=3)
+    model, transform = unicom.load(checkpoint, device="cpu")
+    data = load_retrieval_dataset("cub", written.root, "test", transform)
+    result = evaluate_retrieval(model, data.query, data.gallery, ks=(1, 2), num_feat=16, device="cpu",
+                                batch_size=4, chunk_size=5)
+
+    with torch.no_grad():  # the reference: the model on every image, in dataset order
+        features = model(torch.stack([data.query[i][0] for i in range(len(data.query))]))
+    labels = torch.as_tensor(data.query.labels)
+    expected = retrieval_metrics(features[:, :16], labels, ks=(1, 2))
+    assert {k: result.metrics[k] for k in expected} == expected
+    assert torch.allclose(result.query.features, features, atol=1e-5)
+
+    record = result.record()
+    assert record["recall"] == {str(k): 100.0 * v for k, v in expected["recall"].items()}
+    assert (record["num_query"], record["num_feat"], record["world_size"], record["skipped_images"]) == (9, 16, 1, 0)
+
+    local = embed_dataset(model, data.query, batch_size=4, gather=False)  # one process: the whole set
+    assert torch.equal(local.indices, torch.arange(9)) and torch.allclose(local.features, features, atol=1e-5)
