@@ -14,23 +14,6 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = [
-    "is_initialized",
-    "get_rank",
-    "get_world_size",
-    "get_local_rank",
-    "is_main_process",
-    "setup",
-    "cleanup",
-    "barrier",
-    "all_reduce_sum",
-    "all_gather_varlen",
-    "all_gather_with_grad",
-    "broadcast_buffers",
-    "shard_range",
-    "wire_device",
-]
-
 
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()

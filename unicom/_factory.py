@@ -14,8 +14,6 @@ from .model import ViTConfig, VisionTransformer
 from ._pretrained import REGISTRY, get_pretrained, unknown_model_message
 from .transforms import eval_transform
 
-__all__ = ["create_model", "load", "PRECISIONS"]
-
 logger = logging.getLogger(__name__)
 
 def create_model(name: str, **overrides) -> VisionTransformer:

@@ -47,15 +47,6 @@ try:  # POSIX only; without it (Windows) concurrent downloads are simply not coo
 except ImportError:  # pragma: no cover - exercised on Windows only
     fcntl = None  # type: ignore[assignment]
 
-__all__ = [
-    "RELEASE_PREFIX",
-    "DownloadError",
-    "ChecksumError",
-    "cache_dir",
-    "resolve_url",
-    "download",
-]
-
 logger = logging.getLogger(__name__)
 
 RELEASE_PREFIX = "https://github.com/deepglint/unicom/releases/download"

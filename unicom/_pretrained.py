@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from ._hub import RELEASE_PREFIX as RELEASE_URL  # the one definition; hub imports no torch
 from .model import ViTConfig
 
-__all__ = ["PretrainedModel", "REGISTRY", "available_models", "get_pretrained"]
-
 
 @dataclass(frozen=True)
 class PretrainedModel:

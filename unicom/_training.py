@@ -35,8 +35,6 @@ from ._utils import atomic_write, autocast_for, unwrap_model
 from .checkpoint import atomic_save
 from .losses import CombinedMarginLoss, PartialFC
 
-__all__ = ["SCHEDULES", "Trainer", "build_trainer", "find_resume", "seed_everything", "train_epoch"]
-
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"

@@ -12,8 +12,6 @@ from typing import IO, Any
 
 import torch
 
-__all__ = ["PRECISIONS", "atomic_write", "autocast_for", "unwrap_model", "write_json"]
-
 # Precision name -> dtype: the weights' dtype for ``load(precision=...)``, the autocast dtype for
 # the programs' ``--precision`` (fp32: no autocast).
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

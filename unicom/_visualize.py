@@ -10,8 +10,6 @@ from PIL import Image, ImageDraw, ImageOps
 from ._utils import atomic_write
 from .metrics import knn_topk
 
-__all__ = ["retrieval_grid"]
-
 GREEN, RED, BLUE = (40, 170, 60), (210, 40, 40), (40, 90, 210)
 
 

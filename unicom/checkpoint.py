@@ -25,7 +25,7 @@ import torch
 from ._utils import atomic_write, unwrap_model
 from .model import ViTConfig, VisionTransformer
 
-__all__ = ["CheckpointError", "read_checkpoint", "config_from_state_dict", "save_model", "atomic_save"]
+__all__ = ["CheckpointError", "read_checkpoint", "config_from_state_dict", "save_model"]
 
 logger = logging.getLogger(__name__)
 

@@ -47,8 +47,6 @@ from ..transforms import to_rgb
 from .features import read_manifest
 from .webdataset import Shard, iter_shard_samples, list_shards, shard_identity
 
-__all__ = ["InMemoryReader", "PseudoLabelStream", "PseudoLabels", "ShardReader"]
-
 logger = logging.getLogger(__name__)
 
 _MAX_LOGGED = 20  # individual warnings per worker about skipped samples; later ones are only counted

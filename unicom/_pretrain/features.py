@@ -50,18 +50,6 @@ from .._utils import atomic_write, autocast_for
 from ..transforms import to_rgb
 from .webdataset import Shard, iter_shard_samples, list_shards, shard_identity
 
-__all__ = [
-    "FUSIONS",
-    "SOURCES",
-    "FeatureSource",
-    "available_sources",
-    "build_source",
-    "extract_features",
-    "fuse",
-    "load_features",
-    "read_manifest",
-]
-
 logger = logging.getLogger(__name__)
 
 FUSIONS = ("mean", "image", "text")

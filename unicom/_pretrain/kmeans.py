@@ -52,18 +52,6 @@ import torch.nn.functional as F
 from .. import _distributed as dist
 from .._utils import atomic_write, write_json
 
-__all__ = [
-    "BACKENDS",
-    "KMeansResult",
-    "allocate_subclusters",
-    "assign",
-    "cluster_stats",
-    "faiss_available",
-    "save_clustering",
-    "spherical_kmeans",
-    "train_centroids",
-]
-
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "faiss", "torch")

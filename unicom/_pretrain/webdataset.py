@@ -25,18 +25,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "RawSample",
-    "Shard",
-    "expand_braces",
-    "expand_shard_pattern",
-    "iter_shard_samples",
-    "iter_tar_samples",
-    "list_shards",
-    "shard_identity",
-]
-
 logger = logging.getLogger(__name__)
 
 # Image members of a webdataset sample, in order of preference when a sample has several.

@@ -14,8 +14,6 @@ import torch
 from .image import ImageDataset
 from .standard import STANDARD
 
-__all__ = ["DatasetCountWarning", "RetrievalDataset", "Split"]
-
 logger = logging.getLogger(__name__)
 
 Split = Literal["train", "test"]

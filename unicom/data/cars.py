@@ -18,8 +18,6 @@ import numpy as np
 from .base import RetrievalDataset, Split, encode_labels, finish, require_path
 from .image import ImageDataset
 
-__all__ = ["LAYOUT", "read_annotations", "build"]
-
 LAYOUT = "<root>/cars196/cars_annos.mat (with the images it names under <root>/cars196/)"
 
 

@@ -15,8 +15,6 @@ from .base import RetrievalDataset, Split, encode_labels, finish, require_path
 from .folder import scan_image_folder
 from .image import ImageDataset
 
-__all__ = ["LAYOUT", "build"]
-
 LAYOUT = "<root>/CUB_200_2011/images/<class folder>/*.jpg"
 
 

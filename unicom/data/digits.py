@@ -14,8 +14,6 @@ import numpy as np
 from .base import RetrievalDataset, Split, finish
 from .image import ImageDataset
 
-__all__ = ["build"]
-
 
 def build(
     root: str | os.PathLike | None = None,

@@ -12,8 +12,6 @@ from typing import Any
 
 from .image import ImageDataset
 
-__all__ = ["IMG_EXTENSIONS", "scan_files", "scan_image_folder", "load_image_folder"]
-
 logger = logging.getLogger(__name__)
 
 # torchvision's ImageFolder extensions, compared case-insensitively.

@@ -19,9 +19,6 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from ..transforms import to_rgb as _to_rgb
 
-__all__ = ["BadImageError", "ImageDataset", "Sample", "check_jpegs", "jpeg_check_available", "jpeg_damage",
-           "open_image_file"]
-
 logger = logging.getLogger(__name__)
 
 # A sample is a file to open, or an image already in memory (a PIL image, or a uint8 array

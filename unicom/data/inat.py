@@ -16,8 +16,6 @@ from pathlib import Path, PurePosixPath
 from .base import RetrievalDataset, Split, encode_labels, finish, read_lines, require_path
 from .image import ImageDataset
 
-__all__ = ["LAYOUT", "build"]
-
 LAYOUT = (
     "<root>/iNaturalist/Inat_dataset_splits/Inaturalist_{train,test}_set1.txt "
     "(paths relative to <root>/iNaturalist/)"

@@ -21,8 +21,6 @@ from pathlib import Path
 from .base import RetrievalDataset, Split, encode_labels, finish, read_lines, require_path
 from .image import ImageDataset
 
-__all__ = ["LAYOUT", "read_partition", "build"]
-
 logger = logging.getLogger(__name__)
 
 LAYOUT = (

@@ -11,8 +11,6 @@ from torch.utils.data import default_collate
 
 from .._distributed import shard_range
 
-__all__ = ["collate", "sharded_loader"]
-
 
 def collate(batch: Sequence[tuple[Any, int, int, bool]]) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batch :class:`ImageDataset` items: (images, labels (B,), indices (B,), ok (B,) bool).

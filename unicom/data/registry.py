@@ -10,8 +10,6 @@ from typing import Protocol
 from . import cars, cub, digits, inat, inshop, sop
 from .base import RetrievalDataset, Split
 
-__all__ = ["Builder", "DATASETS", "ALIASES", "available_datasets", "load_retrieval_dataset"]
-
 
 class Builder(Protocol):
     def __call__(

@@ -14,8 +14,6 @@ from pathlib import Path
 from .base import RetrievalDataset, Split, encode_labels, finish, read_lines, require_path
 from .image import ImageDataset
 
-__all__ = ["LAYOUT", "build"]
-
 LAYOUT = "<root>/Stanford_Online_Products/Ebay_{train,test}.txt (with the images they name)"
 
 

@@ -20,8 +20,11 @@ pipeline starts from an :class:`~unicom.data.image.ImageDataset` whose transform
 published eval (or test) transform, whose sizes :func:`pipeline_for_transform` keeps; bad
 images behave as in ``ImageDataset``. Batches travel as :class:`Crops` or
 :class:`WholeImages`, through a ring of reused shared-memory slots (:mod:`.slots`).
+
+What the rest of the library uses is imported here (the package is private: no ``__all__``).
 """
 
+# ruff: noqa: F401
 from .base import InputPipeline
 from .batches import Crops, WholeImages
 from .crops import eval_transform_uint8
@@ -30,21 +33,3 @@ from .normalize import normalization_table, normalize_on_device
 from .registry import DECODE_CHOICES, PIPELINES, make_pipeline, pipeline_for_transform, resolve_decode
 from .resample import pillow_resize_crop, resized_size
 
-__all__ = [
-    "DECODE_CHOICES",
-    "LOADER_BATCH",
-    "PIPELINES",
-    "Crops",
-    "InputPipeline",
-    "WholeImages",
-    "embedding_loader",
-    "eval_transform_uint8",
-    "make_pipeline",
-    "normalization_table",
-    "normalize_on_device",
-    "pillow_resize_crop",
-    "pipeline_for_transform",
-    "pipeline_loader",
-    "resized_size",
-    "resolve_decode",
-]

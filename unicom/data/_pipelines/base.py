@@ -17,8 +17,6 @@ from . import batches
 from .batches import Allocate, Crops, WholeImages
 from .normalize import normalize_on_device
 
-__all__ = ["Batch", "InputPipeline"]
-
 logger = logging.getLogger(__name__)
 
 Batch = Union[Crops, WholeImages]

@@ -17,8 +17,6 @@ import torch
 
 from . import slots
 
-__all__ = ["Allocate", "Crops", "Payload", "WholeImages", "allocate", "fetch"]
-
 # Where a batch's bytes wait: a slot, or a tensor of their own (uint8, or float32 normalised by the workers).
 Payload = Union[slots.SlotRef, torch.Tensor]
 # nbytes -> (a flat uint8 tensor to write the batch into, the payload that names it)

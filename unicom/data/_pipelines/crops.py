@@ -17,8 +17,6 @@ from .base import InputPipeline
 from .batches import Allocate, Crops, fetch
 from .normalize import normalize_on_device
 
-__all__ = ["ExactPipeline", "eval_transform_uint8"]
-
 
 def eval_transform_uint8(n_px: int, resize: int | None = None) -> T.Compose:
     """The eval transform up to the crop, returning uint8 (3, n_px, n_px): pixels for the device.

@@ -17,8 +17,6 @@ from . import batches, slots
 from .base import InputPipeline
 from .registry import pipeline_for_transform, resolve_decode
 
-__all__ = ["LOADER_BATCH", "embedding_loader", "pipeline_loader"]
-
 logger = logging.getLogger(__name__)
 
 LOADER_BATCH = 64  # images per worker batch: small batches keep every worker busy to the end

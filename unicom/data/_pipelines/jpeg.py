@@ -25,9 +25,6 @@ from PIL import Image
 
 from ..image import open_image_file
 
-__all__ = ["agrees_with_pil", "available", "decode", "dimensions", "header", "pil_opens", "probe_images", "read",
-           "require", "within_pil_limit"]
-
 logger = logging.getLogger(__name__)
 
 _COLORSPACES = ("YCbCr", "Gray")  # what TurboJPEG converts to RGB as PIL does

@@ -12,8 +12,6 @@ from torchvision import transforms as T
 
 from ...transforms import MEAN, STD
 
-__all__ = ["normalization_table", "normalize_on_device"]
-
 
 @functools.cache
 def _table_cpu(mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

@@ -11,8 +11,6 @@ from .crops import ExactPipeline
 from .turbo import TurboPipeline
 from .whole import DeviceResizePipeline
 
-__all__ = ["DECODE_CHOICES", "PIPELINES", "make_pipeline", "pipeline_for_transform", "resolve_decode"]
-
 PIPELINES: dict[str, type[InputPipeline]] = {p.decode: p for p in (ExactPipeline, DeviceResizePipeline, TurboPipeline)}
 DECODE_CHOICES = tuple(PIPELINES)
 # ``auto`` by device type: the fastest exact pipeline there. A CPU's cores are the workers'

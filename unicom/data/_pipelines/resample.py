@@ -19,9 +19,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["pad", "padded_tables", "pass_order", "pillow_resize_crop", "plan", "resize_group", "resize_padded",
-           "resized_size"]
-
 logger = logging.getLogger(__name__)
 
 _PRECISION_BITS = 22  # Pillow's 8-bit resampling: 32 - 8 - 2 fractional bits per coefficient

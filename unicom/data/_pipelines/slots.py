@@ -30,8 +30,6 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SlotPool", "SlotRef", "acquire", "clear", "release"]
-
 _POOLS: dict[int, SlotPool] = {}  # pool id -> pool, in this process (workers inherit or re-register)
 _IDLE: list[SlotPool] = []  # pools of finished loaders, kept for the next (oldest first)
 MAX_IDLE = 1  # one loader at a time is the common case (query, then gallery; train, then val)

@@ -13,8 +13,6 @@ from ..image import ImageDataset
 from . import jpeg
 from .whole import DeviceResizePipeline, Pending
 
-__all__ = ["TurboPipeline"]
-
 
 class _Jpeg(Pending):
     """A JPEG file's bytes and header size; decoded when its place in the batch is known."""

@@ -17,8 +17,6 @@ from .base import InputPipeline
 from .batches import Allocate, WholeImages, fetch
 from .resample import pad, padded_tables, plan, resize_padded
 
-__all__ = ["DeviceResizePipeline", "Pending", "SLOT_POOL_MB"]
-
 SLOT_POOL_MB = 2048  # default cap of a whole-image loader's slots (shared, and on CUDA pinned, memory)
 _IMAGE_ALLOWANCE = 3 * 1024 * 768  # bytes per decoded image a slot plans for where no image can be sampled
 
