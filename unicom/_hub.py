@@ -12,16 +12,11 @@
   not (200). Dropped connections, timeouts and 5xx answers are retried up to ``retries``
   times, each retry resuming from what was received.
 * The processes of one job on one node (torchrun) share the work through an exclusive
-  ``flock`` on ``<target>.lock``: one downloads, the others wait and then find the verified
-  file in the cache. (``flock`` is node-local; across nodes on a shared file system it
-  depends on the file system, so give each node its own cache or download beforehand.)
+  ``flock`` on ``<target>.lock``: one downloads, the others then find the verified file.
+  (``flock`` is node-local: across nodes give each node its own cache or download first.)
 
-Environment variables:
-
-* ``UNICOM_CACHE_DIR``: the cache folder (default ``~/.cache/unicom``).
-* ``UNICOM_MIRROR``: a base URL replacing the release prefix
-  ``https://github.com/deepglint/unicom/releases/download``.
-* ``UNICOM_OFFLINE=1``: never use the network; the file must already be in place.
+Environment: ``UNICOM_CACHE_DIR`` (the cache folder), ``UNICOM_MIRROR`` (a base URL replacing
+:data:`RELEASE_PREFIX`), ``UNICOM_OFFLINE=1`` (never use the network).
 """
 
 from __future__ import annotations
@@ -175,6 +170,32 @@ def _file_lock(lock_path: Path) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
+def _checked_target(url: str, sha256: str | None, root: str | os.PathLike | None, filename: str | None,
+                    timeout: float, retries: int) -> tuple[str, str | None, Path]:
+    """What can never work fails here, before any request: ``(url, expected hash, target path)``."""
+    if sha256 is not None and not _SHA256_RE.match(sha256):
+        raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+        raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be a whole number >= 0, got {retries!r}")
+    expected = sha256.lower() if sha256 is not None else None
+    url = resolve_url(url)
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme not in _SCHEMES or (scheme != "file" and not urllib.parse.urlsplit(url).netloc):
+        raise ValueError(f"cannot download {url!r}: expected an http://, https:// or file:// URL with a host "
+                         "(check UNICOM_MIRROR if it was set)")
+    name = filename if filename is not None else _filename_from_url(url)
+    if not _is_plain_name(name):
+        raise ValueError(f"filename must be a plain file name, got {name!r}")
+    root_path = Path(os.path.abspath(Path(root if root is not None else cache_dir()).expanduser()))
+    target = root_path / name
+    if target.is_dir():
+        raise DownloadError(f"cannot download {url} to {target}: that path is a folder. Remove it, or pass "
+                            "another root= (download_root=) or filename=")
+    return url, expected, target
+
+
 def download(
     url: str,
     sha256: str | None,
@@ -214,27 +235,7 @@ def download(
             ``timeout`` is not a finite positive number, ``retries`` is negative, or no file name
             can be derived. These are never retried.
     """
-    if sha256 is not None and not _SHA256_RE.match(sha256):
-        raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
-        raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise ValueError(f"retries must be a whole number >= 0, got {retries!r}")
-    expected = sha256.lower() if sha256 is not None else None
-    url = resolve_url(url)
-    scheme = urllib.parse.urlsplit(url).scheme.lower()
-    if scheme not in _SCHEMES or (scheme != "file" and not urllib.parse.urlsplit(url).netloc):
-        raise ValueError(f"cannot download {url!r}: expected an http://, https:// or file:// URL with a host "
-                         "(check UNICOM_MIRROR if it was set)")
-    name = filename if filename is not None else _filename_from_url(url)
-    if not _is_plain_name(name):
-        raise ValueError(f"filename must be a plain file name, got {name!r}")
-    root_path = Path(os.path.abspath(Path(root if root is not None else cache_dir()).expanduser()))
-    target = root_path / name
-    if target.is_dir():
-        raise DownloadError(f"cannot download {url} to {target}: that path is a folder. Remove it, or pass "
-                            "another root= (download_root=) or filename=")
-
+    url, expected, target = _checked_target(url, sha256, root, filename, timeout, retries)
     if _offline():
         return _offline_lookup(url, target, expected)
 
@@ -246,12 +247,12 @@ def download(
             return str(target)
 
     try:
-        root_path.mkdir(parents=True, exist_ok=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # also FileExistsError: a file where the folder should be
-        raise DownloadError(f"cannot create the cache folder {root_path}: {e}. "
+        raise DownloadError(f"cannot create the cache folder {target.parent}: {e}. "
                             f"Set UNICOM_CACHE_DIR or pass root= to a writable folder.") from e
 
-    with _file_lock(target.with_name(name + ".lock")):
+    with _file_lock(target.with_name(target.name + ".lock")):
         # Re-check under the lock: another process may have finished it while we waited.
         if target.is_file():
             ok, actual = _verified(target, expected)

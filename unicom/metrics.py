@@ -164,6 +164,80 @@ def _search(
         yield rows, vals[:, :k].contiguous(), idx[:, :k].contiguous()
 
 
+def _retrieval_inputs(
+    query: Tensor, query_labels: Tensor, gallery: Tensor | None, gallery_labels: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Checked, normalised embeddings of one dtype and compact label ids shared by both sides.
+
+    Without a gallery the queries are the gallery. Returns ``(query (Q, D), gallery (N, D),
+    query_ids (Q,), gallery_ids (N,), gallery_counts (labels,))``.
+    """
+    exclude_self = gallery is None
+    if exclude_self:
+        if gallery_labels is not None:
+            raise ValueError("gallery_labels given without gallery")
+        gallery_labels = query_labels
+    elif gallery_labels is None:
+        raise ValueError("gallery given without gallery_labels")
+
+    dtype = _compute_dtype(query, *(() if gallery is None else (gallery,)))
+    query_n = _normalise(query, dtype, "query")
+    gallery_n = query_n if exclude_self else _normalise(gallery, dtype, "gallery")
+    num_query, num_gallery = query_n.shape[0], gallery_n.shape[0]
+    if num_query == 0:
+        raise ValueError("no queries")
+    if gallery_n.shape[1] != query_n.shape[1]:
+        raise ValueError(f"query dim {query_n.shape[1]} != gallery dim {gallery_n.shape[1]}")
+    if query_labels.shape != (num_query,) or gallery_labels.shape != (num_gallery,):
+        raise ValueError("labels must be 1-D with one entry per embedding")
+    device = query_n.device
+    # Compact label ids shared by queries and gallery, so counts are a bincount.
+    all_labels = torch.cat([query_labels.to(device).long(), gallery_labels.to(device).long()])
+    label_ids = torch.unique(all_labels, return_inverse=True)[1]
+    gallery_counts = torch.bincount(label_ids[num_query:], minlength=int(label_ids.max()) + 1)
+    return query_n, gallery_n, label_ids[:num_query], label_ids[num_query:], gallery_counts
+
+
+def _ranking_hits(query: Tensor, gallery: Tensor, query_ids: Tensor, gallery_ids: Tensor, k: int, chunk_size: int,
+                  exclude_self: bool) -> Tensor:
+    """Whether each of the first ``k`` results of each query has its label: (Q, k) bool."""
+    # Same-label flags of each query's ranking, (Q, k) bools: small next to the search's
+    # chunk x N block. The metrics then take a few large ops rather than a few per chunk (on
+    # a busy CPU every parallel op can cost a scheduler slice), and as per-query values
+    # reduced once at the end they do not depend on chunk_size, to the last bit. (The rankings
+    # themselves come from matrix products whose rounding may depend on the chunk's shape: two
+    # similarities equal in exact arithmetic, say of duplicate gallery images, can differ in
+    # their last bit and be ranked either way.)
+    hits = torch.zeros(query.shape[0], k, dtype=torch.bool, device=query.device)
+    if k > 0:
+        for rows, _, idx in _search(query, gallery, k, chunk_size, exclude_self):
+            hits[rows] = gallery_ids[idx] == query_ids[rows].unsqueeze(1)  # (c, k)
+    return hits
+
+
+def _precision_at_r(hits: Tensor, num_relevant: Tensor, max_relevant: int) -> tuple[Tensor, Tensor]:
+    """AP@R and R-precision of each query, (Q,) float64, from its ranking's same-label flags.
+
+    ``hits`` (Q, k >= max_relevant) bool; ``num_relevant`` (Q,) is R. Lone rows (R = 0) are 0.
+    """
+    num_query, device = hits.shape[0], hits.device
+    ap = torch.zeros(num_query, dtype=torch.float64, device=device)  # AP@R
+    rp = torch.zeros(num_query, dtype=torch.float64, device=device)  # R-precision
+    if max_relevant > 0:
+        positions = torch.arange(1, max_relevant + 1, device=device)  # (R_max,) ranks 1..R_max
+        step = max(1, (1 << 24) // max_relevant)  # bounds the (rows, R_max) temporaries
+        for start in range(0, num_query, step):
+            rows = slice(start, start + step)
+            r = num_relevant[rows]  # (c,)
+            top = hits[rows, :max_relevant]  # (c, R_max): MAP@R and R-precision stop at R
+            cum_hits = top.cumsum(dim=1)  # (c, R_max) hits within the first i ranks
+            in_r = positions <= r.unsqueeze(1)  # (c, R_max)
+            r_safe = r.clamp(min=1).double()  # lone rows are masked out below
+            ap[rows] = (cum_hits.double() / positions).mul_(top & in_r).sum(dim=1) / r_safe
+            rp[rows] = cum_hits.gather(1, (r - 1).clamp(min=0).unsqueeze(1)).squeeze(1) / r_safe
+    return ap, rp
+
+
 def retrieval_metrics(
     query: Tensor,
     query_labels: Tensor,
@@ -200,30 +274,10 @@ def retrieval_metrics(
     _check_chunk_size(chunk_size)
     ks = _check_ks(ks)
     exclude_self = gallery is None
-    if exclude_self:
-        if gallery_labels is not None:
-            raise ValueError("gallery_labels given without gallery")
-        gallery_labels = query_labels
-    elif gallery_labels is None:
-        raise ValueError("gallery given without gallery_labels")
-
-    dtype = _compute_dtype(query, *(() if gallery is None else (gallery,)))
-    query_n = _normalise(query, dtype, "query")
-    gallery_n = query_n if exclude_self else _normalise(gallery, dtype, "gallery")
+    query_n, gallery_n, query_ids, gallery_ids, gallery_counts = _retrieval_inputs(
+        query, query_labels, gallery, gallery_labels)
     num_query, num_gallery = query_n.shape[0], gallery_n.shape[0]
-    if num_query == 0:
-        raise ValueError("no queries")
-    if gallery_n.shape[1] != query_n.shape[1]:
-        raise ValueError(f"query dim {query_n.shape[1]} != gallery dim {gallery_n.shape[1]}")
-    if query_labels.shape != (num_query,) or gallery_labels.shape != (num_gallery,):
-        raise ValueError("labels must be 1-D with one entry per embedding")
     device = query_n.device
-
-    # Compact label ids shared by queries and gallery, so counts are a bincount.
-    all_labels = torch.cat([query_labels.to(device).long(), gallery_labels.to(device).long()])
-    label_ids = torch.unique(all_labels, return_inverse=True)[1]
-    query_ids, gallery_ids = label_ids[:num_query], label_ids[num_query:]
-    gallery_counts = torch.bincount(gallery_ids, minlength=int(label_ids.max()) + 1)
     num_relevant = gallery_counts[query_ids] - int(exclude_self)  # R, (Q,)
 
     num_rankable = num_gallery - int(exclude_self)
@@ -232,35 +286,12 @@ def retrieval_metrics(
     k_fetch = min(max(max(ks), max_relevant), num_rankable)
     k_used = torch.tensor([min(k, k_fetch) for k in ks], device=device)  # (len(ks),)
 
-    # Same-label flags of each query's ranking, (Q, k) bools: small next to the search's
-    # chunk x N block. The metrics then take a few large ops rather than a few per chunk (on
-    # a busy CPU every parallel op can cost a scheduler slice), and as per-query values
-    # reduced once at the end they do not depend on chunk_size, to the last bit. (The rankings
-    # themselves come from matrix products whose rounding may depend on the chunk's shape: two
-    # similarities equal in exact arithmetic, say of duplicate gallery images, can differ in
-    # their last bit and be ranked either way.)
-    hits = torch.zeros(num_query, k_fetch, dtype=torch.bool, device=device)
-    if k_fetch > 0:
-        for rows, _, idx in _search(query_n, gallery_n, k_fetch, chunk_size, exclude_self):
-            hits[rows] = gallery_ids[idx] == query_ids[rows].unsqueeze(1)  # (c, k)
+    hits = _ranking_hits(query_n, gallery_n, query_ids, gallery_ids, k_fetch, chunk_size, exclude_self)
     # argmax returns the first maximum: the 0-based rank of the first hit.
     first_hit = torch.full((num_query,), k_fetch, dtype=torch.long, device=device)
     if k_fetch > 0:
         first_hit = torch.where(hits.any(dim=1), hits.to(torch.uint8).argmax(dim=1), first_hit)
-    ap = torch.zeros(num_query, dtype=torch.float64, device=device)  # AP@R
-    rp = torch.zeros(num_query, dtype=torch.float64, device=device)  # R-precision
-    if max_relevant > 0:
-        positions = torch.arange(1, max_relevant + 1, device=device)  # (R_max,) ranks 1..R_max
-        step = max(1, (1 << 24) // max_relevant)  # bounds the (rows, R_max) temporaries
-        for start in range(0, num_query, step):
-            rows = slice(start, start + step)
-            r = num_relevant[rows]  # (c,)
-            top = hits[rows, :max_relevant]  # (c, R_max): MAP@R and R-precision stop at R
-            cum_hits = top.cumsum(dim=1)  # (c, R_max) hits within the first i ranks
-            in_r = positions <= r.unsqueeze(1)  # (c, R_max)
-            r_safe = r.clamp(min=1).double()  # lone rows are masked out below
-            ap[rows] = (cum_hits.double() / positions).mul_(top & in_r).sum(dim=1) / r_safe
-            rp[rows] = cum_hits.gather(1, (r - 1).clamp(min=0).unsqueeze(1)).squeeze(1) / r_safe
+    ap, rp = _precision_at_r(hits, num_relevant, max_relevant)
 
     # Lone queries have no hit, so they are misses of Recall@K by construction.
     recall_hits = (first_hit.unsqueeze(1) < k_used).sum(dim=0)  # (len(ks),)
@@ -413,13 +444,8 @@ def _check_ks(ks: Sequence[int]) -> list[int]:
 
 
 def knn_vote_accuracy(
-    sims: Tensor,
-    neighbour_labels: Tensor,
-    test_labels: Tensor,
-    ks: Sequence[int] = (10, 20, 100, 200),
-    temperature: float = 0.07,
-    num_classes: int | None = None,
-    chunk_size: int = 1024,
+    sims: Tensor, neighbour_labels: Tensor, test_labels: Tensor, ks: Sequence[int] = (10, 20, 100, 200),
+    temperature: float = 0.07, num_classes: int | None = None, chunk_size: int = 1024,
 ) -> dict[int, dict[str, float]]:
     """Top-1 and top-5 accuracy of the weighted kNN vote, given each query's neighbours.
 

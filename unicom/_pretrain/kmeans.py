@@ -407,20 +407,10 @@ def allocate_subclusters(sizes: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def spherical_kmeans(
-    x: torch.Tensor,
-    k: int,
-    niter: int = 20,
-    *,
-    levels: int = 1,
-    seed: int = 1234,
-    max_points_per_centroid: int = 256,
-    backend: str = "auto",
-    init: torch.Tensor | None = None,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
-    chunk_size: int | None = None,
-    gpu: bool = False,
-    gather: bool = False,
+    x: torch.Tensor, k: int, niter: int = 20, *, levels: int = 1, seed: int = 1234,
+    max_points_per_centroid: int = 256, backend: str = "auto", init: torch.Tensor | None = None,
+    device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
+    chunk_size: int | None = None, gpu: bool = False, gather: bool = False,
 ) -> KMeansResult:
     """Cluster the rows of ``x`` into ``k`` clusters and assign every row.
 
