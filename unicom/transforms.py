@@ -46,22 +46,7 @@ class ToRGB:
         return "ToRGB()"
 
 
-def eval_transform(n_px: int) -> T.Compose:
-    """Resize the shorter side to ``n_px`` (bicubic), center-crop, RGB, tensor, CLIP normalisation."""
-    return T.Compose(
-        [
-            ToRGB(),
-            T.Resize(n_px, interpolation=T.InterpolationMode.BICUBIC),
-            T.CenterCrop(n_px),
-            T.ToTensor(),
-            T.Normalize(MEAN, STD),
-        ]
-    )
-
-
-def test_transform(n_px: int) -> T.Compose:
-    """The ``timm`` fine-tuning choice at test time: resize to n_px/0.875 for n_px <= 224."""
-    resize = int(n_px / 0.875) if n_px <= 224 else n_px
+def _resize_crop(resize: int, n_px: int) -> T.Compose:
     return T.Compose(
         [
             ToRGB(),
@@ -71,6 +56,16 @@ def test_transform(n_px: int) -> T.Compose:
             T.Normalize(MEAN, STD),
         ]
     )
+
+
+def eval_transform(n_px: int) -> T.Compose:
+    """Resize the shorter side to ``n_px`` (bicubic), center-crop, RGB, tensor, CLIP normalisation."""
+    return _resize_crop(n_px, n_px)
+
+
+def test_transform(n_px: int) -> T.Compose:
+    """The ``timm`` fine-tuning choice at test time: resize to n_px/0.875 for n_px <= 224."""
+    return _resize_crop(int(n_px / 0.875) if n_px <= 224 else n_px, n_px)
 
 
 def _posterize(image: Image.Image, bits_to_keep: int, **_) -> Image.Image:

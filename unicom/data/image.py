@@ -57,11 +57,18 @@ def open_image_file(path: str | os.PathLike) -> IO[bytes]:
         raise
 
 
+def _simplejpeg() -> Any | None:
+    """The optional ``simplejpeg`` module (libjpeg-turbo's TurboJPEG API), or None."""
+    try:
+        import simplejpeg
+    except ImportError:
+        return None
+    return simplejpeg
+
+
 def jpeg_check_available() -> bool:
     """Whether damaged JPEG data can be detected here (it needs the simplejpeg package)."""
-    from ._pipelines import jpeg
-
-    return jpeg.available()
+    return _simplejpeg() is not None
 
 
 def jpeg_damage(data: bytes) -> str | None:
@@ -73,9 +80,7 @@ def jpeg_damage(data: bytes) -> str | None:
     API (through simplejpeg) stops at them. The check decodes grayscale at 1/8 scale: the
     entropy-coded data, where the damage is found, is read in full either way.
     """
-    from ._pipelines import jpeg
-
-    module = jpeg._module()
+    module = _simplejpeg()
     if module is None or data[:3] != b"\xff\xd8\xff":
         return None
     try:

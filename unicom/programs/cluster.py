@@ -22,7 +22,7 @@ import torch
 from .. import _distributed as dist
 from .._pretrain.features import load_features, read_manifest
 from .._pretrain.kmeans import BACKENDS, save_clustering, spherical_kmeans
-from .common import device_option, output_dir, positive_int, seed, setup_logging
+from .common import device_option, output_dir, positive_int, process_group, seed
 
 logger = logging.getLogger("unicom.cluster")
 
@@ -53,9 +53,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    device = dist.setup(args.device)
-    setup_logging()
-    try:
+    with process_group(args) as device:
         start = time.perf_counter()
         total = read_manifest(args.features)["num_samples"]
         rows = dist.shard_range(total)
@@ -82,5 +80,3 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
         dist.barrier()
         return 0
-    finally:
-        dist.cleanup()

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -25,6 +26,17 @@ def setup_logging() -> None:
     """INFO on rank 0, warnings only elsewhere."""
     level = logging.INFO if dist.is_main_process() else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout, force=True)
+
+
+@contextlib.contextmanager
+def process_group(args: argparse.Namespace) -> Iterator[torch.device]:
+    """One run: its ``--device``, the process group when torchrun started it (left at the end), logging."""
+    device = dist.setup(args.device)
+    setup_logging()
+    try:
+        yield device
+    finally:
+        dist.cleanup()
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -177,6 +189,14 @@ def device_option(value: str) -> str:
             raise argparse.ArgumentTypeError(f"{value!r}: this machine has {count} GPU(s), cuda:0 to "
                                              f"cuda:{count - 1}")
     return value.strip()
+
+
+def add_loader_args(p: argparse.ArgumentParser, batch_size: int, batch_help: str, workers_help: str) -> None:
+    """``--batch_size`` and ``--num_workers`` (8 by default), in either spelling."""
+    p.add_argument("--batch_size", "--batch-size", dest="batch_size", type=positive_int, default=batch_size,
+                   help=batch_help)
+    p.add_argument("--num_workers", "--num-workers", dest="num_workers", type=non_negative_int, default=8,
+                   help=workers_help)
 
 
 def add_runtime_args(parser, compile: bool = True) -> None:

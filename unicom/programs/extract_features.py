@@ -17,8 +17,8 @@ import logging
 
 from .. import _distributed as dist
 from .._pretrain.features import FUSIONS, available_sources, build_source, extract_features
-from .common import (PRECISION_CHOICES, device_option, non_negative_int, output_dir, positive_int, resolve_precision,
-                     setup_logging)
+from .common import (PRECISION_CHOICES, add_loader_args, device_option, output_dir, positive_int, process_group,
+                     resolve_precision)
 
 logger = logging.getLogger("unicom.extract_features")
 
@@ -47,10 +47,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="unicom source: a registered model name or a checkpoint path")
     p.add_argument("--pixel-size", "--pixel_size", dest="pixel_size", type=positive_int, default=16,
                    help="pixels source: images are resized to this square size (feature size 3*s*s)")
-    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=positive_int, default=256,
-                   help="images per forward pass")
-    p.add_argument("--num-workers", "--num_workers", dest="num_workers", type=non_negative_int, default=8,
-                   help="decoding processes per process (each reads whole shards)")
+    add_loader_args(p, 256, "images per forward pass",
+                    "decoding processes per process (each reads whole shards)")
     p.add_argument("--folder-shard-size", "--folder_shard_size", dest="folder_shard_size", type=int, default=10_000,
                    help="folder input: images per virtual shard (the unit of resuming)")
     p.add_argument("--device", default=None, type=device_option,
@@ -62,9 +60,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    device = dist.setup(args.device)
-    setup_logging()
-    try:
+    with process_group(args) as device:
         options = {key: getattr(args, arg) for key, arg in SOURCE_OPTIONS[args.source].items()}
         if "pretrained" in options and str(options["pretrained"]).lower() in ("none", ""):
             options["pretrained"] = None
@@ -79,5 +75,3 @@ def main(argv: list[str] | None = None) -> int:
                   f"{manifest['num_bad']} undecodable skipped, {manifest['num_without_caption']} without caption "
                   f"-> {args.output}", flush=True)
         return 0
-    finally:
-        dist.cleanup()

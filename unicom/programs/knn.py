@@ -25,7 +25,7 @@ from ..evaluate import Embeddings, embed_dataset
 from .._factory import load
 from ..metrics import knn_topk, knn_vote_accuracy, merge_topk
 from .common import (add_runtime_args, check_images, count_or_all, embedding_options, non_empty, non_negative_int,
-                     output_dir, positive_float32, positive_int, runtime_record, seed, setup_logging)
+                     output_dir, positive_float32, positive_int, process_group, runtime_record, seed)
 
 logger = logging.getLogger("unicom.knn")
 
@@ -159,9 +159,7 @@ def _percent(table: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    device = dist.setup(args.device)
-    setup_logging()
-    try:
+    with process_group(args) as device:
         torch.manual_seed(args.seed)
         model, transform = load(args.model_name, device=device, compile=args.compile)
         train_set = load_image_folder(args.train_dataset, transform, args.skip_bad_images)
@@ -193,5 +191,3 @@ def main(argv: list[str] | None = None) -> int:
             write_json(record, Path(args.output_dir) / "results_eval_knn.json")
         dist.barrier()
         return 0
-    finally:
-        dist.cleanup()

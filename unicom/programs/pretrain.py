@@ -50,11 +50,10 @@ from ..model import VisionTransformer
 from .._pretrain.dataset import InMemoryReader, PseudoLabels, PseudoLabelStream, ShardReader
 from .._training import SCHEDULES, build_trainer, seed_everything, train_epoch
 from ..transforms import eval_transform
-from .common import (add_runtime_args, add_train_args, check_images, embedding_options, non_negative_int, output_dir,
-                     positive_int, print_retrieval, seed, setup_logging,
-                     train_transforms, trainer_options)
+from .common import (add_loader_args, add_runtime_args, add_train_args, check_images, embedding_options, output_dir,
+                     print_retrieval, process_group, seed, train_transforms, trainer_options)
 
-logger = logging.getLogger("unicom._pretrain")
+logger = logging.getLogger("unicom.pretrain")
 
 # Explicit architecture flags -> VisionTransformer keyword; each overrides the --model config.
 ARCH_FLAGS = {"input_size": "input_size", "patch_size": "patch_size", "dim": "dim", "depth": "depth",
@@ -90,10 +89,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--samples-per-epoch", "--samples_per_epoch", dest="samples_per_epoch", type=int, default=None,
                    help="samples in one epoch over all processes (default: the number of clustered samples)")
 
-    p.add_argument("--batch_size", "--batch-size", dest="batch_size", type=positive_int, default=128,
-                   help="images per process per micro-batch")
-    p.add_argument("--num_workers", "--num-workers", dest="num_workers", type=non_negative_int, default=8,
-                   help="data loading processes per process")
+    add_loader_args(p, 128, "images per process per micro-batch",
+                    "data loading processes per process")
     p.add_argument("--num_feat", type=int, default=None,
                    help="Partial FC feature sampling: dimensions used per step (default: all)")
     p.add_argument("--lr-schedule", "--lr_schedule", dest="lr_schedule", default="onecycle",
@@ -274,9 +271,5 @@ def _record(args, labels: PseudoLabels, config, history: list[dict], world: int)
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    device = dist.setup(args.device)
-    setup_logging()
-    try:
+    with process_group(args) as device:
         return train(args, device)
-    finally:
-        dist.cleanup()

@@ -27,10 +27,9 @@ from ..data.registry import available_datasets
 from ..evaluate import evaluate_retrieval
 from .._factory import load
 from .._training import build_trainer, seed_everything, train_epoch
-from .common import (add_runtime_args, add_train_args, check_images, embedding_options, non_empty, non_negative_int,
-                     output_dir, positive_int, seed,
-                     print_retrieval, runtime_record, settings, setup_logging, train_transforms,
-                     trainer_options)
+from .common import (add_loader_args, add_runtime_args, add_train_args, check_images, embedding_options, non_empty,
+                     non_negative_int, output_dir, positive_int, print_retrieval, process_group, runtime_record, seed,
+                     settings, train_transforms, trainer_options)
 
 logger = logging.getLogger("unicom.retrieval")
 
@@ -46,10 +45,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="folder holding the datasets in their standard layouts (default: data)")
     p.add_argument("--model_name", "--model-name", dest="model_name", default="ViT-B/16", type=non_empty,
                    help="a registered model name or a checkpoint path")
-    p.add_argument("--batch_size", "--batch-size", dest="batch_size", type=positive_int, default=128,
-                   help="images per process per step")
-    p.add_argument("--num_workers", "--num-workers", dest="num_workers", type=non_negative_int, default=8,
-                   help="data loading processes per process")
+    add_loader_args(p, 128, "images per process per step",
+                    "data loading processes per process")
     p.add_argument("--num_feat", type=positive_int, default=None,
                    help="use only the first num_feat embedding dimensions (as trained with feature sampling)")
     p.add_argument("--output", default="output", type=output_dir, help="folder for results.json (and checkpoints)")
@@ -245,9 +242,7 @@ def train(args, device: torch.device) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = dist.setup(args.device)
-    setup_logging()
-    try:
+    with process_group(args) as device:
         if args.eval:
             return evaluate(args, device)
         if args.published:
@@ -255,5 +250,3 @@ def main(argv: list[str] | None = None) -> int:
         if args.compile:
             raise ValueError("--compile applies to --eval (embedding with a frozen model); fine-tuning runs eagerly")
         return train(args, device)
-    finally:
-        dist.cleanup()

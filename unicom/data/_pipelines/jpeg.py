@@ -23,19 +23,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..image import _simplejpeg as _module
 from ..image import open_image_file
 
 logger = logging.getLogger(__name__)
 
 _COLORSPACES = ("YCbCr", "Gray")  # what TurboJPEG converts to RGB as PIL does
-
-
-def _module() -> Any | None:
-    try:
-        import simplejpeg
-    except ImportError:
-        return None
-    return simplejpeg
 
 
 def available() -> bool:
