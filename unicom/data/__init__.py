@@ -1,4 +1,8 @@
-"""Datasets: one module per on-disk format, the registry, and the sharded loader."""
+"""Datasets: one module per on-disk format, the registry, and the sharded loader.
+
+The names in ``__all__`` are the supported ones; the submodules (one per format, the scans,
+the image checks) and ``_pipelines`` (the ``--decode`` input pipelines) are their plumbing.
+"""
 
 from .base import DatasetCountWarning, RetrievalDataset
 from .folder import load_image_folder
