@@ -131,3 +131,24 @@ def test_the_checks_see_imports():
     assert "unicom._hub" not in _imported("unicom._factory")
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def _declares_all(path: Path) -> bool:
+    return any(isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets)
+               for node in ast.parse(path.read_text()).body)
+
+
+def test_private_modules_declare_nothing():
+    """A module under an underscore name is plumbing: it has no ``__all__`` to promise names."""
+    private = [name for name in MODULES if any(part.startswith("_") for part in name.split("."))]
+    assert len(private) > 10
+    assert [name for name in private if _declares_all(MODULES[name])] == []
+
+
+def test_public_names_resolve():
+    import unicom
+
+    assert sorted(unicom.__all__) == sorted(unicom._HOMES)
+    assert all(not unicom._HOMES[name].startswith("..") for name in unicom.__all__)
+    for name in unicom.__all__:
+        assert getattr(unicom, name).__name__ == name
