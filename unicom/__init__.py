@@ -11,7 +11,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__all__ = ["available_models", "load", "create_model", "download", "VisionTransformer"]
+__all__ = ["available_models", "load", "create_model", "download", "VisionTransformer", "embed", "save_pretrained",
+           "push_to_hub"]
 __version__ = "0.1.0"
 
 _HOMES = {
@@ -20,10 +21,15 @@ _HOMES = {
     "create_model": ".factory",
     "download": ".hub",
     "VisionTransformer": ".model",
+    "embed": ".embedding",
+    "save_pretrained": ".hf",
+    "push_to_hub": ".hf",
 }
 
 if TYPE_CHECKING:
+    from .embedding import embed
     from .factory import create_model, load
+    from .hf import push_to_hub, save_pretrained
     from .hub import download
     from .model import VisionTransformer
     from .pretrained import available_models
