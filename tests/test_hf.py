@@ -29,7 +29,9 @@ from unicom.hf import main as hf_main  # noqa: E402
 from unicom.hub import DownloadError  # noqa: E402
 
 TINY = dict(input_size=32, patch_size=8, dim=64, embedding_size=32, depth=2, num_heads=2)
-pytestmark = pytest.mark.usefixtures("one_thread")
+# huggingface_hub's own LFS upload passes its file as data= to httpx, which warns about that
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")]
 
 
 def _reload_hub_settings() -> None:
