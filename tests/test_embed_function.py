@@ -117,3 +117,12 @@ def test_bad_arguments(model, files) -> None:
     with pytest.raises(ValueError, match="batch_size"):
         unicom.embed(net, files, batch_size=0)
     assert unicom.embed(net, [], progress=False).shape == (0, 32)
+
+
+def test_unicom_embed_is_the_function() -> None:
+    """A module named unicom/embed.py would shadow the function once imported: there is none."""
+    import importlib.util
+
+    assert importlib.util.find_spec("unicom.embed") is None
+    assert callable(unicom.embed) and unicom.embed.__module__ == "unicom.embedding"
+    assert {"embed", "save_pretrained", "push_to_hub"} <= set(unicom.__all__)

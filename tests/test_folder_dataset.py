@@ -126,12 +126,15 @@ def embed_files(checkpoint):
     return embed
 
 
-@pytest.mark.parametrize("layout", ["classes", "query-gallery"])
+@pytest.mark.parametrize("layout", ["classes", "train-test", "query-gallery"])
 def test_evaluation_matches_a_float64_brute_force(tmp_path, checkpoint, embed_files, capsys, layout: str) -> None:
     root = tmp_path / "data"
     if layout == "classes":
         items = synth.make_image_folder(root, [f"c{i}" for i in range(6)], per_class=3)
         query, gallery = [i for i in items if i.key >= "c3"], None
+    elif layout == "train-test":
+        synth.make_image_folder(root / "train", ["t0", "t1"], per_class=2, seed=3)
+        query, gallery = synth.make_image_folder(root / "test", ["u0", "u1", "u2"], per_class=3, seed=4), None
     else:
         query = synth.make_image_folder(root / "query", ["a", "b", "c"], per_class=2, seed=1)
         gallery = synth.make_image_folder(root / "gallery", ["a", "b", "c", "d"], per_class=3, seed=2)
