@@ -76,7 +76,8 @@ def test_paths_pil_images_and_datasets_agree(model, files, reference) -> None:
             return Image.open(files[i]), i
 
     mixed = [files[0], pil[1], *files[2:]]
-    for images in (pil, dataset, Pairs(), mixed):
+    bare = ImageDataset(files, [0] * len(files))  # no transform: the model's eval transform is used
+    for images in (pil, dataset, Pairs(), mixed, bare):
         torch.testing.assert_close(unicom.embed(net, images, progress=False).double(), reference, atol=1e-5, rtol=0)
 
 
@@ -116,6 +117,8 @@ def test_bad_arguments(model, files) -> None:
         unicom.embed(net, [files[0], 3])
     with pytest.raises(ValueError, match="batch_size"):
         unicom.embed(net, files, batch_size=0)
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        unicom.embed(net, files, precision="fp8")
     assert unicom.embed(net, [], progress=False).shape == (0, 32)
 
 

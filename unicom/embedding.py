@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ._utils import unwrap_model
+from ._utils import PRECISIONS, unwrap_model
+from .data import image as image_module
 from .data.image import BadImageError, ImageDataset
 from .data.pipelines import embedding_loader
 from .evaluate import embed_loader
@@ -123,7 +124,11 @@ def embed(
         raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
     base = unwrap_model(model)
     config = getattr(base, "config", None)
-    if transform is None and config is not None and not isinstance(images, ImageDataset):
+    if precision != "auto" and precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: expected auto or one of {list(PRECISIONS)}")
+    # An ImageDataset built without a transform yields uint8 tensors: it gets the model's, as lists do.
+    bare = isinstance(images, ImageDataset) and images.transform is image_module._default_transform
+    if transform is None and config is not None and (bare or not isinstance(images, ImageDataset)):
         transform = eval_transform(config.input_size)
     if transform is None and not isinstance(images, Dataset):
         raise ValueError("this model has no unicom config to take the input size from: pass transform=")

@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         if results is None and beside.is_file():
             results = beside
         folder = save_pretrained(model, args.folder, results=results)
-    except (CheckpointError, DownloadError, OSError, ValueError, TypeError) as error:
+    except (CheckpointError, DownloadError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
     print(f"wrote {folder / CONFIG_NAME}, {folder / WEIGHTS_NAME} and {folder / CARD_NAME}"
