@@ -50,8 +50,8 @@ def transform(name: str = "ViT_B_32"):
     """The published eval transform of a model (an entry name such as ``ViT_L_14_336px``, or a
     registry name such as ``ViT-L/14@336px``): bicubic resize of the shorter side, center crop,
     RGB tensor normalised with the CLIP mean and std."""
-    import unicom.pretrained
+    import unicom._pretrained
     import unicom.transforms
 
-    entry = unicom.pretrained.get_pretrained(_NAMES.get(name, name))
+    entry = unicom._pretrained.get_pretrained(_NAMES.get(name, name))
     return unicom.transforms.eval_transform(entry.input_size)

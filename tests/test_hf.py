@@ -26,7 +26,7 @@ from fake_hf_hub import FakeHub  # noqa: E402
 import unicom  # noqa: E402
 from unicom.checkpoint import CheckpointError  # noqa: E402
 from unicom.hf import main as hf_main  # noqa: E402
-from unicom.hub import DownloadError  # noqa: E402
+from unicom._hub import DownloadError  # noqa: E402
 
 TINY = dict(input_size=32, patch_size=8, dim=64, embedding_size=32, depth=2, num_heads=2)
 # huggingface_hub's own LFS upload passes its file as data= to httpx, which warns about that

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import unicom
-from unicom.hub import DownloadError
-from unicom.pretrained import REGISTRY
+from unicom._hub import DownloadError
+from unicom._pretrained import REGISTRY
 
 ROOT = str(Path(__file__).resolve().parents[1])
 ENTRIES = {"ViT_B_32": "ViT-B/32", "ViT_B_16": "ViT-B/16", "ViT_L_14": "ViT-L/14", "ViT_L_14_336px": "ViT-L/14@336px"}

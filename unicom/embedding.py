@@ -3,7 +3,7 @@
     model, transform = unicom.load("ViT-B/32")
     features = unicom.embed(model, ["a.jpg", "b.png", pil_image])    # (3, 512), L2-normalised, CPU
 
-It runs the same input pipeline and batched loop as the programs (:mod:`unicom.data.pipelines`,
+It runs the same input pipeline and batched loop as the programs (:mod:`unicom.data._pipelines`,
 :func:`unicom.evaluate.embed_loader`): with the published eval transform the pixels are the
 published ones, decoded by DataLoader workers and normalised on the model's device.
 """
@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from ._utils import PRECISIONS, unwrap_model
 from .data import image as image_module
 from .data.image import BadImageError, ImageDataset
-from .data.pipelines import embedding_loader
+from .data._pipelines import embedding_loader
 from .evaluate import embed_loader
 from .transforms import eval_transform, to_rgb
 

@@ -34,7 +34,7 @@ import torch
 
 from ._utils import atomic_write, unwrap_model, write_json
 from .checkpoint import CheckpointError, save_model
-from .hub import DownloadError
+from ._hub import DownloadError
 from .model import ViTConfig
 from .transforms import MEAN, STD
 
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--results", default=None,
                         help="a results.json for the model card (default: the one beside the checkpoint, if any)")
     args = parser.parse_args(argv)
-    from .factory import load
+    from ._factory import load
 
     try:
         model, _ = load(args.checkpoint, device="cpu")
