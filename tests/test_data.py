@@ -265,8 +265,8 @@ def test_shard_range_checks_the_rank():
 
 
 def test_dataset_names():
-    assert set(DATASETS) == {"cub", "car", "sop", "inshop", "inat", "digits"}
-    assert set(DATASETS) == set(STANDARD)
+    assert set(DATASETS) == {"cub", "car", "sop", "inshop", "inat", "digits", "folder"}
+    assert set(DATASETS) == set(STANDARD) | {"folder"}  # a user's own folder has no standard counts
     with pytest.raises(ValueError, match=r"available: cub, car.*Did you mean 'inshop'"):
         load_retrieval_dataset("inshp", ".", "test")
     with pytest.raises(ValueError, match="split"):

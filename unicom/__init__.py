@@ -10,6 +10,10 @@ The model
     ``available_models()``, ``load(name_or_path)``, ``create_model(name)``, ``VisionTransformer``,
     ``download(url, sha256)``, ``save_model(model, path)``; their errors ``DownloadError`` and
     ``CheckpointError``.
+Embedding and sharing
+    ``embed(model, images)`` (paths, PIL images or a Dataset to an (N, D) tensor),
+    ``save_pretrained(model, folder)`` and ``push_to_hub(model, "org/name")`` (Hugging Face Hub
+    folders, loaded back with ``load("hf-hub:org/name")``).
 Evaluation
     ``load_retrieval_dataset(name, root, split, transform)``, ``embed_dataset(model, dataset)``,
     ``evaluate_retrieval(model, query, gallery)``; the metrics ``retrieval_metrics`` and
@@ -19,7 +23,8 @@ Training
     across processes).
 
 The public modules ``unicom.model``, ``unicom.checkpoint``, ``unicom.transforms``,
-``unicom.metrics``, ``unicom.losses``, ``unicom.evaluate`` and ``unicom.data`` hold these and
+``unicom.metrics``, ``unicom.losses``, ``unicom.evaluate``, ``unicom.embedding``, ``unicom.hf``
+and ``unicom.data`` hold these and
 their close relatives. The names are imported on first use, so ``import unicom`` itself is cheap.
 """
 
@@ -33,6 +38,7 @@ __all__ = [
     "save_model", "CheckpointError", "DownloadError",
     "load_retrieval_dataset", "embed_dataset", "evaluate_retrieval", "retrieval_metrics", "knn_accuracy",
     "CombinedMarginLoss", "PartialFC",
+    "embed", "save_pretrained", "push_to_hub",
 ]
 __version__ = "0.1.0"
 
@@ -52,6 +58,9 @@ _HOMES = {
     "knn_accuracy": ".metrics",
     "CombinedMarginLoss": ".losses",
     "PartialFC": ".losses",
+    "embed": ".embedding",
+    "save_pretrained": ".hf",
+    "push_to_hub": ".hf",
 }
 
 if TYPE_CHECKING:
@@ -60,7 +69,9 @@ if TYPE_CHECKING:
     from ._pretrained import available_models
     from .checkpoint import CheckpointError, save_model
     from .data import load_retrieval_dataset
+    from .embedding import embed
     from .evaluate import embed_dataset, evaluate_retrieval
+    from .hf import push_to_hub, save_pretrained
     from .losses import CombinedMarginLoss, PartialFC
     from .metrics import knn_accuracy, retrieval_metrics
     from .model import VisionTransformer

@@ -48,6 +48,10 @@ def _weights_file(
         return Path(download(entry.url, entry.sha256, root=download_root)), entry.config
     if not str(name_or_path).strip():  # Path("") is the current folder
         raise ValueError(f"expected a model name ({', '.join(REGISTRY)}) or a checkpoint path, got an empty string")
+    from .hf import HUB_PREFIX, is_model_folder, model_folder_files  # huggingface_hub is imported on use
+
+    if (isinstance(name_or_path, str) and name_or_path.startswith(HUB_PREFIX)) or is_model_folder(name_or_path):
+        return model_folder_files(name_or_path, download_root)  # config.json + model.safetensors
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path, None
@@ -68,10 +72,13 @@ def load(
 
     Args:
         name_or_path: a name from :func:`available_models` (downloaded once into the cache
-            and verified against its SHA256) or the path of a checkpoint: a published
-            state dict, a ``.safetensors`` file, or a file written by this library.
+            and verified against its SHA256), the path of a checkpoint (a published state
+            dict, a ``.safetensors`` file, or a file written by this library), a model folder
+            written by :func:`unicom.save_pretrained`, or ``hf-hub:org/name[@revision]``
+            (that folder on the Hugging Face Hub, through huggingface_hub's cache).
         device: where to put the model; default CUDA when available, else the CPU.
-        download_root: the cache folder (default ``$UNICOM_CACHE_DIR`` or ``~/.cache/unicom``).
+        download_root: the cache folder (default ``$UNICOM_CACHE_DIR`` or ``~/.cache/unicom``;
+            for ``hf-hub:`` names huggingface_hub's, ``$HF_HUB_CACHE``).
         precision: ``"fp32"`` (default, exact), ``"fp16"`` or ``"bf16"``: the dtype of the
             weights. Half precision is meant for GPU inference; feed inputs of the same dtype.
         compile: wrap the model in ``torch.compile`` (faster on GPUs after a warm-up).

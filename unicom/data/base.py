@@ -84,11 +84,11 @@ def _check(name: str, split: str, what: str, found: int, standard: int) -> None:
 
 
 def finish(name: str, split: Split, query: ImageDataset, gallery: ImageDataset | None = None,
-           layout: str | None = None) -> RetrievalDataset:
-    """Wrap a built split: fill in Recall@K and warn where counts differ from the standard;
+           layout: str | None = None, ks: tuple[int, ...] | None = None) -> RetrievalDataset:
+    """Wrap a built split: fill in Recall@K (``ks``, default the benchmark's) and warn where counts
+    differ from the standard (a name without one, a user's own data, has no count to check);
     an empty split is an error that names the expected ``layout``."""
-    standard = STANDARD[name]
-    counts = getattr(standard, split)
+    standard = STANDARD.get(name)
     for part, dataset in (("images", query), ("gallery images", gallery)):
         if dataset is not None and len(dataset) == 0:
             raise FileNotFoundError(f"{name} {split}: no {part} found (an empty or misplaced copy of the dataset?)"
@@ -96,12 +96,14 @@ def finish(name: str, split: Split, query: ImageDataset, gallery: ImageDataset |
     labels = query.labels if gallery is None else torch.cat([query.labels, gallery.labels])
     num_classes = int(labels.max()) + 1 if labels.numel() else 0
     images = "query images" if gallery is not None else "images"
-    _check(name, split, images, len(query), counts.images)
-    if gallery is not None and counts.gallery is not None:
-        _check(name, split, "gallery images", len(gallery), counts.gallery)
-    _check(name, split, "classes", num_classes, counts.classes)
+    if standard is not None:
+        counts = getattr(standard, split)
+        _check(name, split, images, len(query), counts.images)
+        if gallery is not None and counts.gallery is not None:
+            _check(name, split, "gallery images", len(gallery), counts.gallery)
+        _check(name, split, "classes", num_classes, counts.classes)
     logger.info(
         "%s %s: %d %s%s, %d classes", name, split, len(query), images,
         "" if gallery is None else f", {len(gallery)} gallery images", num_classes,
     )
-    return RetrievalDataset(name, query, gallery, num_classes, standard.ks)
+    return RetrievalDataset(name, query, gallery, num_classes, ks or standard.ks)

@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 from typing import Protocol
 
-from . import cars, cub, digits, inat, inshop, sop
+from . import cars, cub, custom, digits, inat, inshop, sop
 from .base import RetrievalDataset, Split
 
 
@@ -28,6 +28,7 @@ DATASETS: dict[str, Builder] = {
     "inshop": inshop.build,
     "inat": inat.build,
     "digits": digits.build,
+    "folder": custom.build,  # the user's own labelled images: --data-root is the folder itself
 }
 
 # Other names people use for the same datasets.

@@ -42,7 +42,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "(batch per process, epochs, lr, margins, num_feat, transform, ...); flags given here win")
     p.add_argument("--dataset", default="cub", help=f"one of {', '.join(available_datasets())}")
     p.add_argument("--data-root", "--data_root", dest="data_root", default="data",
-                   help="folder holding the datasets in their standard layouts (default: data)")
+                   help="folder holding the datasets in their standard layouts (default: data); for --dataset "
+                        "folder, the folder of labelled images itself")
     p.add_argument("--model_name", "--model-name", dest="model_name", default="ViT-B/16", type=non_empty,
                    help="a registered model name or a checkpoint path")
     add_loader_args(p, 128, "images per process per step",
