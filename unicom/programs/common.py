@@ -18,9 +18,9 @@ from .flags import (PRECISION_CHOICES, add_runtime_args, add_train_args, count_o
 
 
 def setup_logging() -> None:
-    """INFO on rank 0, warnings only elsewhere."""
+    """Log lines to stderr (results go to stdout): INFO on rank 0, warnings only elsewhere."""
     level = logging.INFO if dist.is_main_process() else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout, force=True)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr, force=True)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -43,9 +43,11 @@ def embedding_options(args, device: torch.device) -> dict:
                 precision=resolve_precision(args.precision, device), decode=args.decode)
 
 
-def print_retrieval(record: dict) -> None:
-    """A retrieval results record (see :meth:`unicom.evaluate.RetrievalResult.record`) as a table."""
-    lines = [f"{record['dataset']}  {record['model']}  queries={record['num_query']} gallery={record['num_gallery']}"]
+def print_retrieval(record: dict, heading: str = "") -> None:
+    """A retrieval results record (see :meth:`unicom.evaluate.RetrievalResult.record`) as a table on
+    stdout, its first line starting with ``heading`` (e.g. the epoch) when given."""
+    title = f"{record['dataset']}  {record['model']}  queries={record['num_query']} gallery={record['num_gallery']}"
+    lines = [f"{heading}  {title}" if heading else title]
     lines += [f"  Recall@{k:<5} {v:6.2f}" for k, v in record["recall"].items()]
     lines += [f"  MAP@R        {record['map_at_r']:6.2f}", f"  R-precision  {record['r_precision']:6.2f}"]
     print("\n".join(lines), flush=True)
