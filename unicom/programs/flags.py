@@ -51,8 +51,16 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{action.help} (default: %(default)s)" if self._shows_default(action) else action.help
 
 
+class ProgramParser(argparse.ArgumentParser):
+    """A usage error is one line (the full usage of a program with forty flags buries it) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
 def program_parser(prog: str, description: str, add_help: bool = True) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog, add_help=add_help, description=description, formatter_class=HelpFormatter)
+    """A program's parser: its description as written, defaults in --help, one-line usage errors."""
+    return ProgramParser(prog, add_help=add_help, description=description, formatter_class=HelpFormatter)
 
 
 def default_num_workers(most: int = 8) -> int:
@@ -274,17 +282,18 @@ def run_cli(main) -> int:
     missing file or dataset, a download or checkpoint problem, an undecodable image, a NaN
     loss) end with their message and exit status 2 instead of a traceback. ``main`` itself
     still raises, for callers and tests. Set ``UNICOM_TRACEBACK=1`` to see the traceback."""
-    from ..checkpoint import CheckpointError
-    from ..data import BadImageError
-    from ..hub import DownloadError
-
-    # ValueError: unknown model or dataset names and invalid option values.
-    user_errors = (DownloadError, CheckpointError, BadImageError, FileNotFoundError, IsADirectoryError,
-                   FloatingPointError, ValueError)
     try:
         return main()
-    except user_errors as error:
-        if os.environ.get("UNICOM_TRACEBACK"):
+    except Exception as error:
+        # imported only now: --help and usage errors end inside main() before torch loads
+        from ..checkpoint import CheckpointError
+        from ..data import BadImageError
+        from ..hub import DownloadError
+
+        # ValueError: unknown model or dataset names and invalid option values.
+        user_errors = (DownloadError, CheckpointError, BadImageError, FileNotFoundError, IsADirectoryError,
+                       FloatingPointError, ValueError)
+        if not isinstance(error, user_errors) or os.environ.get("UNICOM_TRACEBACK"):
             raise
         print(f"error: {_own_message(error)}", file=sys.stderr, flush=True)
         return 2
