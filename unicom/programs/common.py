@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 
 import torch
 
@@ -18,9 +19,19 @@ from .flags import (PRECISION_CHOICES, add_runtime_args, add_train_args, count_o
 
 
 def setup_logging() -> None:
-    """Log lines to stderr (results go to stdout): INFO on rank 0, warnings only elsewhere."""
+    """Log lines to stderr (results go to stdout): INFO on rank 0, warnings only elsewhere.
+    Python warnings (e.g. :class:`~unicom.data.DatasetCountWarning`) become log lines of their
+    message alone, without the library source line that raised them."""
     level = logging.INFO if dist.is_main_process() else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr, force=True)
+    warnings.showwarning = _log_warning
+    # faiss' loader logs at INFO which of its builds it tried ("Could not load library with AVX2 support"):
+    # a fallback that works, not news for the user
+    logging.getLogger("faiss").setLevel(logging.WARNING)
+
+
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    logging.getLogger("unicom").warning("%s", message)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
