@@ -150,9 +150,9 @@ def evaluate(model, train_set, val_set, args, device) -> dict:
         ks = args.nb_knn if n_per_class < 0 else sorted({k for k in [*args.nb_knn, n_per_class] if k <= n_per_class})
         dropped = [k for k in args.nb_knn if k not in ks]
         if n_per_class > 0 and dropped and dist.is_main_process():
-            logger.warning("%d images per class: k is capped at %d, so %s-NN %s not evaluated (%s-NN instead)",
-                           n_per_class, n_per_class, ", ".join(map(str, dropped)), "is" if len(dropped) == 1 else "are",
-                           ", ".join(map(str, ks)))
+            logger.warning("few-shot with %d per class: k is capped at %d, so %s-NN %s not evaluated there "
+                           "(evaluated: %s-NN)", n_per_class, n_per_class, ", ".join(map(str, dropped)),
+                           "is" if len(dropped) == 1 else "are", ", ".join(map(str, ks)))
         per_try = []
         for t in tries:
             subset = train

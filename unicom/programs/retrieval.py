@@ -36,9 +36,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "(batch per process, epochs, lr, margins, num_feat, transform, ...); flags given here win")
     p.add_argument("--dataset", default="cub", help=f"one of {', '.join(DATASET_NAMES)}")
     p.add_argument("--data-root", "--data_root", dest="data_root", default="data",
-                   help="folder holding the datasets in their standard layouts (e.g. data/CUB_200_2011)")
+                   help="the folder that holds each dataset's own folder in its standard layout "
+                        "(<root>/CUB_200_2011/images/..., <root>/Stanford_Online_Products/...)")
     p.add_argument("--model_name", "--model-name", dest="model_name", default="ViT-B/16", type=non_empty,
-                   help="a registered model name or a checkpoint path (the published retrieval default)")
+                   help="a registered model name or a checkpoint path (default: %(default)s, as published)")
     p.add_argument("--batch_size", "--batch-size", dest="batch_size", type=positive_int, default=128,
                    help="images per process per step")
     p.add_argument("--num_workers", "--num-workers", dest="num_workers", type=non_negative_int,
