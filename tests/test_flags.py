@@ -21,18 +21,6 @@ from unicom.metrics import knn_classify  # noqa: E402
 from unicom.programs import common, flags, knn, retrieval  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """The programs configure the root logger (INFO to stderr): undo that for the tests after these."""
-    import logging
-
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
 def _rejects(parse, value):
     with pytest.raises(argparse.ArgumentTypeError):
         parse(value)
