@@ -2,7 +2,7 @@
 
 Nothing here imports torch or the data stack, so that ``--help`` and usage errors answer at
 once: the programs parse their flags first and import the heavy modules after. The choices
-offered below are copies of the registries' names (torch-free); tests/test_program_flags.py
+offered below are copies of the registries' names (torch-free); tests/test_program_output.py
 checks them against the registries.
 """
 
