@@ -97,13 +97,13 @@ def test_default_workers_fit_the_machine():
 def test_the_flags_offer_the_registries_names():
     """The parsers hold torch-free copies of these names (unicom/programs/flags.py)."""
     from unicom._utils import PRECISIONS
-    from unicom.data.pipelines import DECODE_CHOICES
+    from unicom.data._pipelines import DECODE_CHOICES
     from unicom.data.registry import available_datasets
     from unicom.losses import MARGIN_GRADIENTS
-    from unicom.pretrain.features import FUSIONS, available_sources
-    from unicom.pretrain.kmeans import BACKENDS
+    from unicom._pretrain.features import FUSIONS, available_sources
+    from unicom._pretrain.kmeans import BACKENDS
     from unicom.programs import flags
-    from unicom.training import SCHEDULES
+    from unicom._training import SCHEDULES
 
     assert flags.PRECISION_CHOICES == ("auto", *PRECISIONS)
     assert flags.DECODE_CHOICES == tuple(DECODE_CHOICES)
@@ -127,7 +127,7 @@ def test_warnings_and_faiss_are_said_once_in_our_words(tmp_path):
         import sys
         import torch
         from unicom.data import load_retrieval_dataset
-        from unicom.pretrain.kmeans import spherical_kmeans
+        from unicom._pretrain.kmeans import spherical_kmeans
         from unicom.programs.common import setup_logging
         setup_logging()
         for _ in range(2):

@@ -8,7 +8,7 @@
 Writes labels.npy (N,) int64 in the order of load_features, centroids.npy (K, d) float32
 and stats.json (cluster sizes: empty, smallest, largest, imbalance; objective). With torchrun
 every process loads its block of the rows and the torch backend runs distributed Lloyd
-iterations (see unicom/pretrain/kmeans.py).
+iterations (see unicom/_pretrain/kmeans.py).
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(get_args_parser(), argv)
     import torch
 
-    from .. import distributed as dist
-    from ..pretrain.features import load_features, read_manifest
-    from ..pretrain.kmeans import save_clustering, spherical_kmeans
+    from .. import _distributed as dist
+    from .._pretrain.features import load_features, read_manifest
+    from .._pretrain.kmeans import save_clustering, spherical_kmeans
     from .common import setup_logging
 
     device = dist.setup(args.device)

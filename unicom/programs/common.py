@@ -8,8 +8,8 @@ import warnings
 
 import torch
 
-from .. import distributed as dist
-from ..data.pipelines import resolve_decode
+from .. import _distributed as dist
+from ..data._pipelines import resolve_decode
 from ..losses import CombinedMarginLoss
 from ..transforms import test_transform, train_transform
 # The flags moved to .flags (torch-free); names kept here for code that imports them from common.
@@ -97,7 +97,7 @@ def settings(args) -> dict:
 
 
 def trainer_options(args, device: torch.device) -> dict:
-    """The keywords of :func:`unicom.training.build_trainer` that the training flags set."""
+    """The keywords of :func:`unicom._training.build_trainer` that the training flags set."""
     margin = CombinedMarginLoss(args.margin_loss_s, args.margin_loss_m1, args.margin_loss_m2, args.margin_loss_m3,
                                 args.margin_gradient)
     return dict(margin=margin, device=device, output=args.output, batch_size=args.batch_size, lr=args.lr,

@@ -61,8 +61,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(get_args_parser(), argv)
-    from .. import distributed as dist
-    from ..pretrain.features import build_source, extract_features
+    from .. import _distributed as dist
+    from .._pretrain.features import build_source, extract_features
     from .common import resolve_precision, setup_logging
 
     device = dist.setup(args.device)

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Callable
 
 # Copies of registry names (see the module docstring): unicom._utils.PRECISIONS,
-# unicom.data.pipelines.DECODE_CHOICES, unicom.losses.MARGIN_GRADIENTS, unicom.training.SCHEDULES,
-# unicom.data.registry.available_datasets(), unicom.pretrain.kmeans.BACKENDS,
-# unicom.pretrain.features.FUSIONS and available_sources().
+# unicom.data._pipelines.DECODE_CHOICES, unicom.losses.MARGIN_GRADIENTS, unicom._training.SCHEDULES,
+# unicom.data.registry.available_datasets(), unicom._pretrain.kmeans.BACKENDS,
+# unicom._pretrain.features.FUSIONS and available_sources().
 PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16")
 DECODE_CHOICES = ("exact", "device-resize", "turbo")
 MARGIN_GRADIENTS = ("straight-through", "exact")
@@ -288,7 +288,7 @@ def run_cli(main) -> int:
         # imported only now: --help and usage errors end inside main() before torch loads
         from ..checkpoint import CheckpointError
         from ..data import BadImageError
-        from ..hub import DownloadError
+        from .._hub import DownloadError
 
         # ValueError: unknown model or dataset names and invalid option values.
         user_errors = (DownloadError, CheckpointError, BadImageError, FileNotFoundError, IsADirectoryError,

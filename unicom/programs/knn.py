@@ -94,7 +94,7 @@ def shard_topk(query: torch.Tensor, train: torch.Tensor, train_ids: torch.Tensor
 def global_topk(query: torch.Tensor, train: Embeddings, k: int, chunk_size: int,
                 stream_rows: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k over the training rows of all processes: search the local shard, gather, merge."""
-    from .. import distributed as dist
+    from .. import _distributed as dist
     from ..metrics import merge_topk
 
     sims, ids = shard_topk(query, train.features, train.indices, k, chunk_size, stream_rows)
@@ -121,7 +121,7 @@ def evaluate(model, train_set, val_set, args, device) -> dict:
     """kNN accuracies for each k (and each few-shot subset), as fractions."""
     import torch
 
-    from .. import distributed as dist
+    from .. import _distributed as dist
     from ..evaluate import embed_dataset
     from ..metrics import knn_vote_accuracy
     from .common import embedding_options
@@ -183,10 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(get_args_parser(), argv)
     import torch
 
-    from .. import distributed as dist
+    from .. import _distributed as dist
     from .._utils import write_json
     from ..data import load_image_folder
-    from ..factory import load
+    from .._factory import load
     from .common import check_images, runtime_record, setup_logging
 
     device = dist.setup(args.device)

@@ -7,7 +7,7 @@
     python pretrain.py --dataset digits --labels clusters/ --input-size 32 --patch-size 4 --dim 64 ...
 
 Input: webdataset tar shards or one folder of images (streamed, see
-unicom/pretrain/dataset.py), or the training split of a registered dataset (``--dataset``,
+unicom/_pretrain/dataset.py), or the training split of a registered dataset (``--dataset``,
 its true labels never read). Pseudo labels are looked up by sample key: ``--labels`` is the
 output of cluster.py (labels.npy, stats.json), and the keys come from the features folder it
 clustered (``--features``; default: the one recorded in stats.json).
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     import torch
 
     from ..model import VisionTransformer
-    from ..pretrain.dataset import PseudoLabels, PseudoLabelStream
+    from .._pretrain.dataset import PseudoLabels, PseudoLabelStream
 
 logger = logging.getLogger("unicom.pretrain")
 
@@ -117,7 +117,7 @@ def build_model(args) -> VisionTransformer:
     with ``--seed`` (the same on every process; DDP broadcasts rank 0's anyway)."""
     import torch
 
-    from ..factory import create_model
+    from .._factory import create_model
 
     overrides = {key: getattr(args, flag) for flag, key in ARCH_FLAGS.items() if getattr(args, flag) is not None}
     output_dim = getattr(args, "output_dim", None)
@@ -129,9 +129,9 @@ def build_model(args) -> VisionTransformer:
 
 def build_train_data(args, transform) -> tuple[PseudoLabelStream, PseudoLabels]:
     """The streamed training input and its pseudo labels."""
-    from .. import distributed as dist
+    from .. import _distributed as dist
     from ..data import load_retrieval_dataset
-    from ..pretrain.dataset import InMemoryReader, PseudoLabels, PseudoLabelStream, ShardReader
+    from .._pretrain.dataset import InMemoryReader, PseudoLabels, PseudoLabelStream, ShardReader
 
     if (args.train_shards is None) == (args.dataset is None):
         raise ValueError("give exactly one of --train-shards and --dataset")
@@ -213,12 +213,12 @@ def _load_history(output: Path, epochs_done: int) -> list[dict]:
 
 def train(args, device: torch.device) -> int:
     """Pretrain a ViT from random weights on pseudo labels; see the module docstring."""
-    from .. import distributed as dist
+    from .. import _distributed as dist
     from .._utils import write_json
     from ..checkpoint import save_model
     from ..data import load_retrieval_dataset
     from ..evaluate import evaluate_retrieval
-    from ..training import build_trainer, seed_everything, train_epoch
+    from .._training import build_trainer, seed_everything, train_epoch
     from ..transforms import eval_transform
     from .common import check_images, embedding_options, print_retrieval, train_transforms, trainer_options
 
@@ -291,7 +291,7 @@ def _record(args, labels: PseudoLabels, config, history: list[dict], world: int)
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(get_args_parser(), argv)
-    from .. import distributed as dist
+    from .. import _distributed as dist
     from .common import setup_logging
 
     device = dist.setup(args.device)

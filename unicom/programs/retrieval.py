@@ -6,7 +6,7 @@
 
 Fine-tuning (without ``--eval``): margin softmax with Partial FC on the train split, the
 test split evaluated after each epoch, checkpoints from which ``--resume auto`` continues a
-killed run exactly (see unicom/training.py, which holds the loop).
+killed run exactly (see unicom/_training.py, which holds the loop).
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _compare_with_published(args) -> None:
     """Say so when this run's global batch differs from the published run's (ArcFace over Partial FC
     sees every process's batch at once: its size is part of the setting)."""
-    from .. import distributed as dist
+    from .. import _distributed as dist
 
     run = PUBLISHED_RUNS[(args.dataset, args.model_name)]
     processes, published = run["processes"], run["processes"] * run["batch_size"]
@@ -123,7 +123,7 @@ def _compare_with_published(args) -> None:
 def _evaluate(model, data, args, device, heading: str = "") -> tuple[dict, object]:
     """Evaluate ``model`` on ``data``: (the results.json record, the :class:`RetrievalResult`); the
     table printed starts with ``heading`` (fine-tuning: the epoch)."""
-    from .. import distributed as dist
+    from .. import _distributed as dist
     from ..evaluate import evaluate_retrieval
     from .common import embedding_options, print_retrieval
 
@@ -139,10 +139,10 @@ def evaluate(args, device: torch.device) -> int:
     """``--eval``: zero-shot retrieval of ``--model_name`` on ``--dataset``'s test split."""
     import torch
 
-    from .. import distributed as dist
+    from .. import _distributed as dist
     from .._utils import unwrap_model, write_json
     from ..data import load_retrieval_dataset
-    from ..factory import load
+    from .._factory import load
     from .common import check_images, runtime_record
 
     torch.manual_seed(args.seed)
@@ -156,7 +156,7 @@ def evaluate(args, device: torch.device) -> int:
     if dist.is_main_process():
         write_json({**record, **damaged, **runtime_record(args, device)}, Path(args.output) / "results.json")
         if args.visualize:
-            from ..visualize import retrieval_grid
+            from .._visualize import retrieval_grid
 
             path = Path(args.output) / "retrieval_examples.png"
             retrieval_grid(result.query, result.gallery, data, args.visualize, path, seed=args.seed,
@@ -177,7 +177,7 @@ class EpochSampler:
     """
 
     def __init__(self, num_items: int, batch_size: int, seed: int) -> None:
-        from .. import distributed as dist
+        from .. import _distributed as dist
 
         self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -215,12 +215,12 @@ def _decoded(loader):
 
 def train(args, device: torch.device) -> int:
     """Fine-tune ``--model_name`` on ``--dataset``'s train split; evaluate on its test split each epoch."""
-    from .. import distributed as dist
+    from .. import _distributed as dist
     from .._utils import write_json
     from ..checkpoint import save_model
     from ..data import load_retrieval_dataset
-    from ..factory import load
-    from ..training import build_trainer, seed_everything, train_epoch
+    from .._factory import load
+    from .._training import build_trainer, seed_everything, train_epoch
     from .common import check_images, settings, train_transforms, trainer_options
 
     seed_everything(args.seed)
@@ -267,7 +267,7 @@ def train(args, device: torch.device) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from .. import distributed as dist
+    from .. import _distributed as dist
     from .common import setup_logging
 
     device = dist.setup(args.device)
