@@ -2,7 +2,7 @@
 
 import sys
 
-from unicom.programs.common import run_cli
+from unicom.programs.flags import run_cli
 from unicom.programs.knn import main
 
 if __name__ == "__main__":

@@ -434,7 +434,7 @@ def _knn_tree(root: Path) -> None:
 
 def _run_program(main, argv: list[str], timeout: float) -> tuple[str, int | None, str]:
     """(ended: 'exit'|'exception'|'hang', exit status, stderr or exception text)."""
-    from unicom.programs.common import run_cli
+    from unicom.programs.flags import run_cli
 
     err = io.StringIO()
     try:

@@ -21,6 +21,19 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """The programs configure the root logger with a handler on the sys.stderr of the moment,
+    which is pytest's capture of a test (closed after it): undo that for the tests after."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for tiny models: on a busy 2-core machine two threads contend

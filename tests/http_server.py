@@ -9,7 +9,7 @@ stops it.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import re
 import socket
 import threading
@@ -177,16 +177,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def download_worker(hub_file: str, args: tuple, kwargs: dict, barrier, results) -> None:
+def download_worker(hub_module: str, args: tuple, kwargs: dict, barrier, results) -> None:
     """Process target: wait at ``barrier``, call ``download(*args, **kwargs)``, report.
 
-    The hub module is loaded from its file, not through ``import unicom``: the package
-    imports torch, which costs several seconds per spawned process, and hub.py needs
-    nothing from it. ``results`` receives ``("ok", path)`` or ``("error", repr)``.
+    ``hub_module`` is the download module's name (``unicom._hub``): importing it does not import
+    torch (``unicom`` resolves its names lazily), so a spawned process starts fast.
+    ``results`` receives ``("ok", path)`` or ``("error", repr)``.
     """
-    spec = importlib.util.spec_from_file_location("_unicom_hub_standalone", hub_file)
-    hub = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(hub)
+    hub = importlib.import_module(hub_module)
     barrier.wait(timeout=120)  # all ask at (nearly) the same moment
     try:
         results.put(("ok", hub.download(*args, **kwargs)))

@@ -235,6 +235,34 @@ def test_missing_layout_names_expected_path(tmp_path, name, expected):
     assert "<root>/" in message  # and the layout it belongs to
 
 
+@pytest.mark.parametrize("name, expected", [
+    ("cub", "CUB_200_2011/images"),
+    ("car", "cars196/cars_annos.mat"),
+    ("sop", "Stanford_Online_Products/Ebay_test.txt"),
+    ("inshop", "Inshop_Clothes/Eval/list_eval_partition.txt"),
+    ("inat", "iNaturalist/Inat_dataset_splits/Inaturalist_test_set1.txt"),
+])
+def test_a_root_one_level_too_deep_is_named_as_such(tmp_path, name, expected):
+    folder, *inside = expected.split("/")
+    too_deep = tmp_path / "data" / folder  # what the user gave as the root
+    (too_deep / Path(*inside)).parent.mkdir(parents=True)
+    if inside[-1] == "images":
+        (too_deep / Path(*inside)).mkdir()
+    else:
+        (too_deep / Path(*inside)).write_text("")
+    with pytest.raises(FileNotFoundError) as error:
+        load_retrieval_dataset(name, too_deep, "test")
+    message = str(error.value)
+    assert f"the dataset root {too_deep} is the {folder} folder itself" in message
+    assert f"({tmp_path / 'data'})" in message
+    assert f"{folder}/{folder}" not in message  # no doubled path
+    # a root named like the dataset's folder but empty is the same mistake
+    empty = tmp_path / "other" / folder
+    empty.mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="folder itself"):
+        load_retrieval_dataset(name, empty, "test")
+
+
 def test_an_empty_split_names_the_expected_layout(tmp_path):
     (tmp_path / "CUB_200_2011" / "images").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=r"cub test: no images found .*<root>/CUB_200_2011/images"):

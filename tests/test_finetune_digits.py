@@ -23,11 +23,15 @@ def test_digits_fine_tuning_learns_and_reports(tmp_path, checkpoint, capsys):
     args = ["--dataset", "digits", "--model_name", checkpoint, "--output", str(out), "--device", "cpu",
             "--num_workers", "0", "--batch_size", "64", "--epochs", "2", "--lr", "3e-5", "--lr_pfc_weight", "30",
             "--margin_loss_m2", "0.25", "--transform", "origin_clip", "--log-every", "1"]
-    assert retrieval.main(args) == 0  # logs "step N/M  loss L ..." to stdout
-    lines = capsys.readouterr().out.splitlines()
+    assert retrieval.main(args) == 0  # logs "step N/M  loss L ..." to stderr, tables to stdout
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
     losses = [float(line.split("  loss ")[1].split()[0]) for line in lines if "  loss " in line]
     assert len(losses) == 2 * (901 // 64)
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5  # it learns on the real data
+    tables = [line for line in captured.out.splitlines() if "queries=" in line]
+    assert [line.split()[:2] for line in tables] == [["epoch", "1/2"], ["epoch", "2/2"]]
+    assert "  loss " not in captured.out
 
     record = json.loads((out / "results.json").read_text())
     assert record["epoch"] == 2 and record["num_query"] == 896 and record["dataset"] == "digits"

@@ -282,7 +282,7 @@ class _NaNAfter:
 def test_nan_in_a_later_epoch_keeps_the_last_good_checkpoint(cub, checkpoint, tmp_path, monkeypatch) -> None:
     out = tmp_path / "run"
     saved: dict[str, str] = {}
-    real_load, real_save = retrieval.load_retrieval_dataset, training.save_checkpoint
+    real_load, real_save = unicom.data.load_retrieval_dataset, training.save_checkpoint
 
     def load_going_bad(name, root, split, transform, skip):
         # The first epoch reads 3 batches of 4 training images; NaN from the second epoch on.
@@ -292,7 +292,7 @@ def test_nan_in_a_later_epoch_keeps_the_last_good_checkpoint(cub, checkpoint, tm
         real_save(folder, *args, **kwargs)
         saved.update({str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(folder).iterdir()})
 
-    monkeypatch.setattr(retrieval, "load_retrieval_dataset", load_going_bad)
+    monkeypatch.setattr(unicom.data, "load_retrieval_dataset", load_going_bad)  # retrieval imports it when it runs
     monkeypatch.setattr(training, "save_checkpoint", save_and_hash)
     with pytest.raises(FloatingPointError, match="NaN.*epoch 2"):
         main(train_argv(cub, checkpoint, out, "--epochs", "3"))

@@ -18,19 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_data import _damaged_jpeg  # noqa: E402
 
 from unicom.metrics import knn_classify  # noqa: E402
-from unicom.programs import common, knn, retrieval  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """The programs configure the root logger (INFO to stdout): undo that for the tests after these."""
-    import logging
-
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+from unicom.programs import common, flags, knn, retrieval  # noqa: E402
 
 
 def _rejects(parse, value):
@@ -40,16 +28,18 @@ def _rejects(parse, value):
 
 @pytest.mark.parametrize("value", ["", "tpu", "mps", "meta", "xla", "cuda:-1", "cpu:x", "cuda:7"])
 def test_device_accepts_cpu_and_present_gpus_only(value):
-    _rejects(common.device_option, value)
+    with pytest.raises(argparse.ArgumentTypeError):
+        flags.check_device(value)
 
 
 def test_device_cuda_without_a_gpu_says_so():
-    assert common.device_option("cpu") == "cpu"
+    assert flags.check_device("cpu") == flags.device_option("cpu") == "cpu"
+    assert flags.device_option("cuda:7") == "cuda:7"  # the form only: presence is checked after parsing
     if torch.cuda.is_available():
-        assert common.device_option("cuda") == "cuda"
+        assert flags.check_device("cuda") == "cuda"
     else:
         with pytest.raises(argparse.ArgumentTypeError, match="no CUDA GPU"):
-            common.device_option("cuda")
+            flags.check_device("cuda")
 
 
 def test_numbers_out_of_range():
@@ -81,6 +71,7 @@ def test_output_folders_are_checked_without_creating_anything(tmp_path):
     (retrieval, ["--eval", "--seed", "1180591620717411303424"], "--seed"),
     (retrieval, ["--eval", "--model_name", ""], "--model_name"),
     (retrieval, ["--eval", "--device", "meta"], "--device"),
+    (retrieval, ["--eval", "--device", "cuda:99"], "--device"),  # checked after parsing, still a usage error
     (retrieval, ["--epochs", "-1"], "--epochs"),
     (retrieval, ["--epochs", "0"], "--epochs"),
     (retrieval, ["--sample_rate", "1.5"], "--sample_rate"),

@@ -143,7 +143,7 @@ def test_evaluation_matches_a_float64_brute_force(tmp_path, checkpoint, embed_fi
                  "--output", str(out), *FAST]) == 0
     record = json.loads((out / "results.json").read_text())
 
-    assert f"folder: {layout} layout under {root}" in capsys.readouterr().out
+    assert f"folder: {layout} layout under {root}" in capsys.readouterr().err  # a log line: stderr
     expected = brute_force(embed_files(paths(query)), [i.key for i in query],
                            None if gallery is None else embed_files(paths(gallery)),
                            None if gallery is None else [i.key for i in gallery])

@@ -188,12 +188,18 @@ def test_gather_on_cpu_in_small_chunks_gives_identical_results(trees, checkpoint
     assert same_results(streamed, plain)
 
 
-def test_few_shot_subsets(trees, checkpoint, embed, tmp_path) -> None:
+def test_few_shot_subsets(trees, checkpoint, embed, tmp_path, capsys) -> None:
     train_dir, train_items, val_dir, val_items = trees
     record = run_knn(train_dir, val_dir, checkpoint, tmp_path, "--n-per-class-list", "1", "2", "--n-tries", "2")
     assert list(record["few_shot"]) == ["1", "2"]
     # The ks up to n, and n itself.
     assert list(record["few_shot"]["1"]) == ["1"] and list(record["few_shot"]["2"]) == ["1", "2"]
+    # ... and the output says so, once per n, on stderr; the tables go to stdout
+    out, err = capsys.readouterr()
+    capped = [line for line in err.splitlines() if "k is capped" in line]
+    assert len(capped) == 2 and capped[0].endswith("few-shot with 1 per class: k is capped at 1, so 3, 5, 30, "
+                                                   "100-NN are not evaluated there (evaluated: 1-NN)")
+    assert "k is capped" not in out and "per class    1-NN  top-1" in out
 
     train_f, val_f = embed(train_items), embed(val_items)
     train_l, val_l = labels_of(train_items), labels_of(val_items)

@@ -58,6 +58,7 @@ def test_load_name_with_wrong_bytes_is_refused(monkeypatch, tmp_path, published_
         with pytest.raises(ChecksumError):
             unicom.load("Tiny/16", device="cpu", download_root=tmp_path / "weights")
     assert not (tmp_path / "weights" / "FP16-Tiny.pt").exists()
+    assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == []  # no lock file either
 
 
 def test_offline_missing_file_says_where_to_put_it(monkeypatch, tmp_path):
@@ -67,3 +68,4 @@ def test_offline_missing_file_says_where_to_put_it(monkeypatch, tmp_path):
     message = str(error.value)
     assert str(tmp_path / "FP16-ViT-B-32.pt") in message
     assert REGISTRY["ViT-B/32"].url in message
+    assert "pass a checkpoint file" in message and "--model_name path/to/file.pt" in message

@@ -42,10 +42,15 @@ def _weights_file(
 ) -> tuple[Path, ViTConfig | None]:
     """The local file to load and, for a registry name, its known architecture."""
     if isinstance(name_or_path, str) and name_or_path in REGISTRY:
-        from ._hub import download  # the only network code
+        from ._hub import DownloadError, download  # the only network code
 
         entry = REGISTRY[name_or_path]
-        return Path(download(entry.url, entry.sha256, root=download_root)), entry.config
+        try:
+            return Path(download(entry.url, entry.sha256, root=download_root)), entry.config
+        except DownloadError as error:
+            error.args = (f"{error} Or skip the download: pass a checkpoint file you have instead of the name, "
+                          "unicom.load('path/to/file.pt') or --model_name path/to/file.pt in the programs.",)
+            raise
     if not str(name_or_path).strip():  # Path("") is the current folder
         raise ValueError(f"expected a model name ({', '.join(REGISTRY)}) or a checkpoint path, got an empty string")
     from .hf import HUB_PREFIX, is_model_folder, model_folder_files  # huggingface_hub is imported on use

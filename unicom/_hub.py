@@ -33,14 +33,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
-try:  # POSIX only; without it (Windows) concurrent downloads are simply not coordinated.
-    import fcntl
-except ImportError:  # pragma: no cover - exercised on Windows only
-    fcntl = None  # type: ignore[assignment]
+from ._filelock import file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -144,32 +139,6 @@ def _manual_hint(url: str, target: Path, expected: str | None) -> str:
     )
 
 
-@contextmanager
-def _file_lock(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``lock_path`` (created if needed, never deleted).
-
-    The lock file is left in place on purpose: deleting it would let a waiter lock the
-    removed inode while a newcomer locks a fresh file, and both would download.
-    """
-    if fcntl is None:  # pragma: no cover
-        yield
-        return
-    try:  # 0o666 less the umask: a cache shared by several users stays usable by all
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as e:
-        raise DownloadError(f"cannot write to the cache folder {lock_path.parent} ({e}): set UNICOM_CACHE_DIR "
-                            "or pass root= (download_root=) to a writable folder") from e
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("waiting for another process to finish downloading (lock %s)", lock_path)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
-
-
 def _checked_target(url: str, sha256: str | None, root: str | os.PathLike | None, filename: str | None,
                     timeout: float, retries: int) -> tuple[str, str | None, Path]:
     """What can never work fails here, before any request: ``(url, expected hash, target path)``."""
@@ -194,8 +163,6 @@ def _checked_target(url: str, sha256: str | None, root: str | os.PathLike | None
         raise DownloadError(f"cannot download {url} to {target}: that path is a folder. Remove it, or pass "
                             "another root= (download_root=) or filename=")
     return url, expected, target
-
-
 def download(
     url: str,
     sha256: str | None,
@@ -252,7 +219,7 @@ def download(
         raise DownloadError(f"cannot create the cache folder {target.parent}: {e}. "
                             f"Set UNICOM_CACHE_DIR or pass root= to a writable folder.") from e
 
-    with _file_lock(target.with_name(target.name + ".lock")):
+    with file_lock(target.with_name(target.name + ".lock"), DownloadError):
         # Re-check under the lock: another process may have finished it while we waited.
         if target.is_file():
             ok, actual = _verified(target, expected)

@@ -55,6 +55,9 @@ from .._utils import atomic_write, write_json
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "faiss", "torch")
+# faiss' ClusteringParameters.min_points_per_centroid: fewer training points per cluster than this
+# make poor clusters (faiss prints a warning of its own, which is silenced and said once here)
+MIN_POINTS_PER_CENTROID = 39
 _SPLIT_EPS = 1.0 / 1024  # faiss' relative perturbation when a cluster is split in two
 _MAX_SCORES = 1 << 27  # elements of one (rows x centroids) score block: 512 MiB in float32
 _CPU_ROWS = 4096  # on a CPU, rows x 1024 centroids at a time (16 MiB of scores) is faster
@@ -334,7 +337,7 @@ def train_centroids(
     history = torch.zeros(niter, dtype=torch.float64)
     if dist.is_main_process():
         km = faiss.Kmeans(d, k, niter=niter, spherical=True, max_points_per_centroid=max_points_per_centroid,
-                          seed=seed, gpu=_faiss_gpu(gpu), verbose=False)
+                          seed=seed, gpu=_faiss_gpu(gpu), verbose=False, min_points_per_centroid=1)
         km.train(np.ascontiguousarray(gathered.numpy()), init_centroids=np.ascontiguousarray(init.numpy()))
         centroids = torch.from_numpy(np.array(km.centroids, dtype=np.float32))
         history[: len(km.obj)] = torch.from_numpy(np.asarray(km.obj, dtype=np.float64))
@@ -425,6 +428,10 @@ def spherical_kmeans(
             raise ValueError(f"{name} must be >= 1, got {value}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 (or None for the backend's default), got {chunk_size}")
+    total = _global_layout(x.shape[0])[1]
+    if total < k * MIN_POINTS_PER_CENTROID and dist.is_main_process():
+        logger.warning("%d points for %d clusters: k-means wants at least %d per cluster (%d points) for good "
+                       "clusters", total, k, MIN_POINTS_PER_CENTROID, k * MIN_POINTS_PER_CENTROID)
     assign_chunk = chunk_size or ((1 << 20) if backend == "faiss" else (1 << 16))
     options = {"max_points_per_centroid": max_points_per_centroid, "backend": backend, "device": device,
                "dtype": dtype, "chunk_size": min(assign_chunk, 1 << 16), "gpu": gpu}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -57,8 +58,21 @@ def encode_labels(*keys: Sequence[Hashable]) -> tuple[list[torch.Tensor], list[s
     return labels, [str(c) for c in classes]
 
 
-def require_path(path: Path, name: str, layout: str) -> Path:
-    """``path`` if it exists, else a FileNotFoundError naming it and the expected layout."""
+def require_path(path: Path, name: str, layout: str, root: str | os.PathLike | None = None) -> Path:
+    """``path`` if it exists, else a FileNotFoundError naming it and the expected layout.
+
+    ``path`` lies under ``root/<dataset folder>/``; a ``root`` that is that dataset folder
+    itself (one level too deep: ``data/CUB_200_2011`` for ``data``) is named as such, since
+    the path the layout asks for would only repeat the folder's name.
+    """
+    if not path.exists() and root is not None:
+        root = Path(root)
+        folder, *rest = path.relative_to(root).parts
+        if root.name == folder or (rest and root.joinpath(*rest).exists()):
+            raise FileNotFoundError(
+                f"{name}: the dataset root {root} is the {folder} folder itself; give the folder that holds "
+                f"it ({root.parent}) as the root. Expected the layout {layout}."
+            )
     if not path.exists():
         raise FileNotFoundError(
             f"{name}: {path} not found. Expected the layout {layout}, where <root> is the "

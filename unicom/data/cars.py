@@ -52,7 +52,7 @@ def build(
 ) -> RetrievalDataset:
     """The ``train`` (classes 1-98) or ``test`` (classes 99-196) split of Cars196."""
     folder = Path(root) / "cars196"
-    relative, classes = read_annotations(require_path(folder / "cars_annos.mat", "car", LAYOUT))
+    relative, classes = read_annotations(require_path(folder / "cars_annos.mat", "car", LAYOUT, root=root))
     half = max(classes, default=0) // 2
     keep = [i for i, c in enumerate(classes) if (c <= half) == (split == "train")]
     (labels,), names = encode_labels([classes[i] for i in keep])

@@ -25,7 +25,7 @@ def build(
     skip_bad_images: bool = False,
 ) -> RetrievalDataset:
     """The ``train`` (first half of the classes) or ``test`` (second half) split of CUB."""
-    images = require_path(Path(root) / "CUB_200_2011" / "images", "cub", LAYOUT)
+    images = require_path(Path(root) / "CUB_200_2011" / "images", "cub", LAYOUT, root=root)
     paths, indices, classes = scan_image_folder(images)
     half = len(classes) // 2
     keep = [i for i, c in enumerate(indices) if (c < half) == (split == "train")]

@@ -30,7 +30,8 @@ def build(
 ) -> RetrievalDataset:
     """The ``train`` or ``test`` split (set 1) of iNaturalist retrieval."""
     folder = Path(root) / "iNaturalist"
-    listing = require_path(folder / "Inat_dataset_splits" / f"Inaturalist_{split}_set1.txt", "inat", LAYOUT)
+    listing = require_path(folder / "Inat_dataset_splits" / f"Inaturalist_{split}_set1.txt", "inat", LAYOUT,
+                           root=root)
     relative = read_lines(listing)
     (labels,), names = encode_labels([PurePosixPath(p).parent.name for p in relative])
     paths = [str(folder / p) for p in relative]

@@ -68,7 +68,8 @@ def build(
 ) -> RetrievalDataset:
     """The ``train`` split, or the ``test`` split as query and gallery, of In-Shop."""
     folder = Path(root) / "Inshop_Clothes"
-    rows = read_partition(require_path(folder / "Eval" / "list_eval_partition.txt", "inshop", LAYOUT))
+    rows = read_partition(require_path(folder / "Eval" / "list_eval_partition.txt", "inshop", LAYOUT,
+                                            root=root))
     if not rows:
         raise ValueError(f"{folder / 'Eval' / 'list_eval_partition.txt'} lists no image")
     base = _image_base(folder, rows[0][0])

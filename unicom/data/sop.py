@@ -25,7 +25,7 @@ def build(
 ) -> RetrievalDataset:
     """The ``train`` (Ebay_train.txt) or ``test`` (Ebay_test.txt) split of SOP."""
     folder = Path(root) / "Stanford_Online_Products"
-    listing = require_path(folder / f"Ebay_{split}.txt", "sop", LAYOUT)
+    listing = require_path(folder / f"Ebay_{split}.txt", "sop", LAYOUT, root=root)
     rows = [line.split(None, 3) for line in read_lines(listing)[1:]]  # [1:]: the header line
     for n, row in enumerate(rows, start=2):
         if len(row) != 4:

@@ -17,26 +17,21 @@ import argparse
 import logging
 import time
 
-import torch
-
-from .. import _distributed as dist
-from .._pretrain.features import load_features, read_manifest
-from .._pretrain.kmeans import BACKENDS, save_clustering, spherical_kmeans
-from .common import device_option, output_dir, positive_int, process_group, seed
+# Only the flags at import: --help and usage errors answer before torch loads (see .flags).
+from .flags import KMEANS_BACKENDS, device_option, output_dir, parse, positive_int, program_parser, seed
 
 logger = logging.getLogger("unicom.cluster")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("cluster", add_help=add_help, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = program_parser("cluster", __doc__, add_help)
     p.add_argument("--features", required=True, help="output folder of extract_features.py")
     p.add_argument("--output", required=True, type=output_dir, help="folder for labels.npy, centroids.npy, stats.json")
     p.add_argument("--k", type=int, required=True, help="number of clusters (pseudo classes)")
-    p.add_argument("--niter", type=positive_int, default=20, help="Lloyd iterations (default: 20, as faiss)")
+    p.add_argument("--niter", type=positive_int, default=20, help="Lloyd iterations (as faiss)")
     p.add_argument("--levels", type=int, default=1, choices=(1, 2),
                    help="2: sqrt(K) coarse clusters, each split in proportion to its size")
-    p.add_argument("--backend", default="auto", choices=BACKENDS,
+    p.add_argument("--backend", default="auto", choices=KMEANS_BACKENDS,
                    help="faiss, torch (distributed with torchrun), or auto: faiss when installed")
     p.add_argument("--max-points-per-centroid", "--max_points_per_centroid", dest="max_points_per_centroid",
                    type=positive_int, default=256,
@@ -52,8 +47,17 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    with process_group(args) as device:
+    args = parse(get_args_parser(), argv)
+    import torch
+
+    from .. import _distributed as dist
+    from .._pretrain.features import load_features, read_manifest
+    from .._pretrain.kmeans import save_clustering, spherical_kmeans
+    from .common import setup_logging
+
+    device = dist.setup(args.device)
+    setup_logging()
+    try:
         start = time.perf_counter()
         total = read_manifest(args.features)["num_samples"]
         rows = dist.shard_range(total)
@@ -80,3 +84,5 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
         dist.barrier()
         return 0
+    finally:
+        dist.cleanup()

@@ -15,10 +15,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .. import _distributed as dist
-from .._pretrain.features import FUSIONS, available_sources, build_source, extract_features
-from .common import (PRECISION_CHOICES, add_loader_args, device_option, output_dir, positive_int, process_group,
-                     resolve_precision)
+# Only the flags at import: --help and usage errors answer before torch loads (see .flags).
+from .flags import (FEATURE_SOURCES, FUSIONS, PRECISION_CHOICES, default_num_workers, device_option,
+                    non_negative_int, output_dir, parse, positive_int, program_parser)
 
 logger = logging.getLogger("unicom.extract_features")
 
@@ -31,24 +30,26 @@ SOURCE_OPTIONS = {
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("extract_features", add_help=add_help, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", default="clip", choices=available_sources(), help="feature source (default: clip)")
+    p = program_parser("extract_features", __doc__, add_help)
+    p.add_argument("--source", default="clip", choices=FEATURE_SOURCES, help="feature source")
     p.add_argument("--inputs", nargs="+", required=True,
                    help="tar shards (paths, 'shard-{000..009}.tar' patterns, globs) or one folder of images")
     p.add_argument("--output", required=True, type=output_dir, help="output folder (shared by all processes)")
     p.add_argument("--fusion", default=None, choices=FUSIONS,
                    help="clip: mean of image and caption features (default), image or text alone")
     p.add_argument("--clip-model", "--clip_model", dest="clip_model", default="ViT-B-32",
-                   help="open_clip model name (default: ViT-B-32)")
+                   help="open_clip model name")
     p.add_argument("--clip-pretrained", "--clip_pretrained", dest="clip_pretrained", default="laion400m_e32",
                    help="open_clip pretrained tag or weights file; 'none' for random weights")
     p.add_argument("--model-name", "--model_name", dest="model_name", default="ViT-B/32",
                    help="unicom source: a registered model name or a checkpoint path")
     p.add_argument("--pixel-size", "--pixel_size", dest="pixel_size", type=positive_int, default=16,
                    help="pixels source: images are resized to this square size (feature size 3*s*s)")
-    add_loader_args(p, 256, "images per forward pass",
-                    "decoding processes per process (each reads whole shards)")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=positive_int, default=256,
+                   help="images per forward pass")
+    p.add_argument("--num-workers", "--num_workers", dest="num_workers", type=non_negative_int,
+                   default=default_num_workers(), help="decoding processes per process (each reads whole shards; "
+                                                       "8, or the CPUs here if fewer)")
     p.add_argument("--folder-shard-size", "--folder_shard_size", dest="folder_shard_size", type=int, default=10_000,
                    help="folder input: images per virtual shard (the unit of resuming)")
     p.add_argument("--device", default=None, type=device_option,
@@ -59,8 +60,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    with process_group(args) as device:
+    args = parse(get_args_parser(), argv)
+    from .. import _distributed as dist
+    from .._pretrain.features import build_source, extract_features
+    from .common import resolve_precision, setup_logging
+
+    device = dist.setup(args.device)
+    setup_logging()
+    try:
         options = {key: getattr(args, arg) for key, arg in SOURCE_OPTIONS[args.source].items()}
         if "pretrained" in options and str(options["pretrained"]).lower() in ("none", ""):
             options["pretrained"] = None
@@ -75,3 +82,5 @@ def main(argv: list[str] | None = None) -> int:
                   f"{manifest['num_bad']} undecodable skipped, {manifest['num_without_caption']} without caption "
                   f"-> {args.output}", flush=True)
         return 0
+    finally:
+        dist.cleanup()

@@ -15,24 +15,22 @@ import argparse
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+# Only the flags at import: --help and usage errors answer before torch loads (see .flags).
+from .flags import (add_runtime_args, count_or_all, default_num_workers, non_empty, non_negative_int, output_dir,
+                    parse, positive_float32, positive_int, program_parser, seed)
 
-from .. import _distributed as dist
-from .._utils import write_json
-from ..data import load_image_folder
-from ..evaluate import Embeddings, embed_dataset
-from .._factory import load
-from ..metrics import knn_topk, knn_vote_accuracy, merge_topk
-from .common import (add_runtime_args, check_images, count_or_all, embedding_options, non_empty, non_negative_int,
-                     output_dir, positive_float32, positive_int, process_group, runtime_record, seed)
+if TYPE_CHECKING:
+    import torch
+
+    from ..evaluate import Embeddings
 
 logger = logging.getLogger("unicom.knn")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("knn", add_help=add_help, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = program_parser("knn", __doc__, add_help)
     p.add_argument("--train-dataset", "--train_dataset", dest="train_dataset", required=True, type=non_empty,
                    help="ImageFolder tree of the training images (<root>/<class>/<image>)")
     p.add_argument("--val-dataset", "--val_dataset", dest="val_dataset", required=True, type=non_empty,
@@ -44,12 +42,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=positive_int, default=256)
     p.add_argument("--model-name", "--model_name", dest="model_name", default="ViT-B/32", type=non_empty,
                    help="a registered model name or a checkpoint path")
-    p.add_argument("--num-workers", "--num_workers", dest="num_workers", type=non_negative_int, default=4)
+    p.add_argument("--num-workers", "--num_workers", dest="num_workers", type=non_negative_int,
+                   default=default_num_workers(4), help="data loading processes per process (4, or the CPUs here "
+                                                        "if fewer)")
     p.add_argument("--output-dir", "--output_dir", dest="output_dir", default="output", type=output_dir)
     p.add_argument("--gather-on-cpu", "--gather_on_cpu", dest="gather_on_cpu", action="store_true",
                    help="keep the training features in host memory and stream them to the device in chunks")
     p.add_argument("--n-per-class-list", "--n_per_class_list", dest="n_per_class_list", nargs="+", type=count_or_all,
-                   default=[-1], help="few-shot: training images per class (-1 = all)")
+                   default=[-1], help="few-shot: training images per class (-1 = all); only the k <= n are evaluated, "
+                        "and n itself (said on stderr)")
     p.add_argument("--n-tries", "--n_tries", dest="n_tries", type=positive_int, default=1,
                    help="few-shot: random subsets per n, results averaged")
     p.add_argument("--chunk-size", "--chunk_size", dest="chunk_size", type=positive_int, default=1024,
@@ -68,6 +69,10 @@ def shard_topk(query: torch.Tensor, train: torch.Tensor, train_ids: torch.Tensor
     With ``stream_rows`` the training rows stay where they are (host memory) and are moved
     to the query's device ``stream_rows`` at a time; partial results are merged exactly.
     """
+    import torch
+
+    from ..metrics import knn_topk, merge_topk
+
     if train.shape[0] == 0:
         return query.new_empty(query.shape[0], 0), torch.empty(query.shape[0], 0, dtype=torch.long,
                                                                device=query.device)
@@ -89,6 +94,9 @@ def shard_topk(query: torch.Tensor, train: torch.Tensor, train_ids: torch.Tensor
 def global_topk(query: torch.Tensor, train: Embeddings, k: int, chunk_size: int,
                 stream_rows: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k over the training rows of all processes: search the local shard, gather, merge."""
+    from .. import _distributed as dist
+    from ..metrics import merge_topk
+
     sims, ids = shard_topk(query, train.features, train.indices, k, chunk_size, stream_rows)
     # (k_local, Q) rows gathered from every process -> (sum k_local, Q) -> (Q, sum k_local)
     sims = dist.all_gather_varlen(sims.t().contiguous()).t()
@@ -98,6 +106,8 @@ def global_topk(query: torch.Tensor, train: Embeddings, k: int, chunk_size: int,
 
 def few_shot_subset(labels: torch.Tensor, valid: torch.Tensor, n_per_class: int, seed: int) -> torch.Tensor:
     """A boolean mask over training ids: n_per_class random valid images of every class (same on all ranks)."""
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     mask = torch.zeros(labels.numel(), dtype=torch.bool)
     ids = torch.nonzero(valid).squeeze(1)
@@ -109,6 +119,13 @@ def few_shot_subset(labels: torch.Tensor, valid: torch.Tensor, n_per_class: int,
 
 def evaluate(model, train_set, val_set, args, device) -> dict:
     """kNN accuracies for each k (and each few-shot subset), as fractions."""
+    import torch
+
+    from .. import _distributed as dist
+    from ..evaluate import embed_dataset
+    from ..metrics import knn_vote_accuracy
+    from .common import embedding_options
+
     start = time.perf_counter()
     options = embedding_options(args, device)
     train = embed_dataset(model, train_set, gather=False, desc="train", **options).valid()  # this process's shard
@@ -131,6 +148,11 @@ def evaluate(model, train_set, val_set, args, device) -> dict:
     for n_per_class in args.n_per_class_list:
         tries = [None] if n_per_class < 0 else list(range(args.n_tries))
         ks = args.nb_knn if n_per_class < 0 else sorted({k for k in [*args.nb_knn, n_per_class] if k <= n_per_class})
+        dropped = [k for k in args.nb_knn if k not in ks]
+        if n_per_class > 0 and dropped and dist.is_main_process():
+            logger.warning("few-shot with %d per class: k is capped at %d, so %s-NN %s not evaluated there "
+                           "(evaluated: %s-NN)", n_per_class, n_per_class, ", ".join(map(str, dropped)),
+                           "is" if len(dropped) == 1 else "are", ", ".join(map(str, ks)))
         per_try = []
         for t in tries:
             subset = train
@@ -158,8 +180,18 @@ def _percent(table: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    with process_group(args) as device:
+    args = parse(get_args_parser(), argv)
+    import torch
+
+    from .. import _distributed as dist
+    from .._utils import write_json
+    from ..data import load_image_folder
+    from .._factory import load
+    from .common import check_images, runtime_record, setup_logging
+
+    device = dist.setup(args.device)
+    setup_logging()
+    try:
         torch.manual_seed(args.seed)
         model, transform = load(args.model_name, device=device, compile=args.compile)
         train_set = load_image_folder(args.train_dataset, transform, args.skip_bad_images)
@@ -191,3 +223,5 @@ def main(argv: list[str] | None = None) -> int:
             write_json(record, Path(args.output_dir) / "results_eval_knn.json")
         dist.barrier()
         return 0
+    finally:
+        dist.cleanup()

@@ -34,24 +34,18 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-from torch.utils.data import DataLoader
+# Only the flags at import: --help and usage errors answer before torch loads (see .flags);
+# each function below imports what it uses.
+from .flags import (DATASET_NAMES, SCHEDULES, add_runtime_args, add_train_args, default_num_workers,
+                    non_negative_int, output_dir, parse, positive_int, program_parser, seed)
 
-from .. import _distributed as dist
-from .._utils import write_json
-from ..checkpoint import save_model
-from ..data import load_retrieval_dataset
-from ..data.registry import available_datasets
-from ..evaluate import evaluate_retrieval
-from .._factory import create_model
-from ..model import VisionTransformer
-from .._pretrain.dataset import InMemoryReader, PseudoLabels, PseudoLabelStream, ShardReader
-from .._training import SCHEDULES, build_trainer, seed_everything, train_epoch
-from ..transforms import eval_transform
-from .common import (add_loader_args, add_runtime_args, add_train_args, check_images, embedding_options, output_dir,
-                     print_retrieval, process_group, seed, train_transforms, trainer_options)
+if TYPE_CHECKING:
+    import torch
+
+    from ..model import VisionTransformer
+    from .._pretrain.dataset import PseudoLabels, PseudoLabelStream
 
 logger = logging.getLogger("unicom.pretrain")
 
@@ -61,10 +55,9 @@ ARCH_FLAGS = {"input_size": "input_size", "patch_size": "patch_size", "dim": "di
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("pretrain", add_help=add_help, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = program_parser("pretrain", __doc__, add_help)
     g = p.add_argument_group("model (random weights)")
-    g.add_argument("--model", default="ViT-B/32", help="registered architecture to start from (default: ViT-B/32)")
+    g.add_argument("--model", default="ViT-B/32", help="registered architecture to start from")
     g.add_argument("--input-size", "--input_size", dest="input_size", type=int, default=None)
     g.add_argument("--patch-size", "--patch_size", dest="patch_size", type=int, default=None)
     g.add_argument("--dim", type=int, default=None, help="transformer width")
@@ -76,7 +69,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--train-shards", "--train_shards", dest="train_shards", nargs="+", default=None,
                    help="webdataset tar shards (paths, 'shards/{000..099}.tar', globs) or one folder of images")
     g.add_argument("--dataset", default=None,
-                   help=f"instead: the train split of a registered dataset ({', '.join(available_datasets())}), "
+                   help=f"instead: the train split of a registered dataset ({', '.join(DATASET_NAMES)}), "
                         "its labels unused")
     g.add_argument("--data-root", "--data_root", dest="data_root", default="data")
     g.add_argument("--labels", required=True, help="output folder of cluster.py (labels.npy, stats.json)")
@@ -89,8 +82,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--samples-per-epoch", "--samples_per_epoch", dest="samples_per_epoch", type=int, default=None,
                    help="samples in one epoch over all processes (default: the number of clustered samples)")
 
-    add_loader_args(p, 128, "images per process per micro-batch",
-                    "data loading processes per process")
+    p.add_argument("--batch_size", "--batch-size", dest="batch_size", type=positive_int, default=128,
+                   help="images per process per micro-batch")
+    p.add_argument("--num_workers", "--num-workers", dest="num_workers", type=non_negative_int,
+                   default=default_num_workers(), help="data loading processes per process (8, or the CPUs here "
+                                                       "if fewer)")
     p.add_argument("--num_feat", type=int, default=None,
                    help="Partial FC feature sampling: dimensions used per step (default: all)")
     p.add_argument("--lr-schedule", "--lr_schedule", dest="lr_schedule", default="onecycle",
@@ -119,6 +115,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def build_model(args) -> VisionTransformer:
     """The architecture of ``--model`` with the explicit flags' overrides, random weights seeded
     with ``--seed`` (the same on every process; DDP broadcasts rank 0's anyway)."""
+    import torch
+
+    from .._factory import create_model
+
     overrides = {key: getattr(args, flag) for flag, key in ARCH_FLAGS.items() if getattr(args, flag) is not None}
     output_dim = getattr(args, "output_dim", None)
     if output_dim is not None and overrides.setdefault("embedding_size", output_dim) != output_dim:
@@ -129,6 +129,10 @@ def build_model(args) -> VisionTransformer:
 
 def build_train_data(args, transform) -> tuple[PseudoLabelStream, PseudoLabels]:
     """The streamed training input and its pseudo labels."""
+    from .. import _distributed as dist
+    from ..data import load_retrieval_dataset
+    from .._pretrain.dataset import InMemoryReader, PseudoLabels, PseudoLabelStream, ShardReader
+
     if (args.train_shards is None) == (args.dataset is None):
         raise ValueError("give exactly one of --train-shards and --dataset")
     labels = PseudoLabels(args.labels, args.features)
@@ -150,6 +154,8 @@ def _rebatch(batches, size: int):
 
     Each loader worker ends its pass with a short batch; joining them keeps every sample.
     """
+    import torch
+
     images: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     n = 0
@@ -169,6 +175,10 @@ def epoch_batches(stream: PseudoLabelStream, epoch: int, num_batches: int, args,
     The data is a pure function of (seed, epoch, rank): data loading workers are seeded from
     a generator of those, not from the global RNG, so a resumed epoch reads the same batches.
     """
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader
+
     produced, repeat = 0, 0
     while produced < num_batches:
         stream.set_epoch(epoch, repeat)
@@ -203,6 +213,15 @@ def _load_history(output: Path, epochs_done: int) -> list[dict]:
 
 def train(args, device: torch.device) -> int:
     """Pretrain a ViT from random weights on pseudo labels; see the module docstring."""
+    from .. import _distributed as dist
+    from .._utils import write_json
+    from ..checkpoint import save_model
+    from ..data import load_retrieval_dataset
+    from ..evaluate import evaluate_retrieval
+    from .._training import build_trainer, seed_everything, train_epoch
+    from ..transforms import eval_transform
+    from .common import check_images, embedding_options, print_retrieval, train_transforms, trainer_options
+
     model = build_model(args)
     config = model.config
     seed_everything(args.seed)
@@ -250,7 +269,8 @@ def train(args, device: torch.device) -> int:
             save_model(trainer.model, output / "model_last.pt")
             logger.info("epoch %d/%d: mean loss %.4f", epoch + 1, args.epochs, entry["loss"])
             if test_data is not None:
-                print_retrieval({"dataset": test_data.name, "model": str(output / "model_last.pt"), **record})
+                print_retrieval({"dataset": test_data.name, "model": str(output / "model_last.pt"), **record},
+                                f"epoch {epoch + 1}/{args.epochs}")
             write_json(_record(args, labels, config, history, world), output / "results.json")
         trainer.finish_epoch()
     if dist.is_main_process():
@@ -270,6 +290,13 @@ def _record(args, labels: PseudoLabels, config, history: list[dict], world: int)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    with process_group(args) as device:
+    args = parse(get_args_parser(), argv)
+    from .. import _distributed as dist
+    from .common import setup_logging
+
+    device = dist.setup(args.device)
+    setup_logging()
+    try:
         return train(args, device)
+    finally:
+        dist.cleanup()

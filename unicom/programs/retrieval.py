@@ -15,39 +15,37 @@ import argparse
 import logging
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+# Only the flags at import: --help and usage errors answer before torch loads (see .flags);
+# each function below imports what it uses.
+from .flags import (DATASET_NAMES, add_runtime_args, add_train_args, default_num_workers, non_empty,
+                    non_negative_int, output_dir, parse, positive_int, program_parser, seed)
 
-from .. import _distributed as dist
-from .._utils import unwrap_model, write_json
-from ..checkpoint import save_model
-from ..data import load_retrieval_dataset
-from ..data.loader import collate
-from ..data.registry import available_datasets
-from ..evaluate import evaluate_retrieval
-from .._factory import load
-from .._training import build_trainer, seed_everything, train_epoch
-from .common import (add_loader_args, add_runtime_args, add_train_args, check_images, embedding_options, non_empty,
-                     non_negative_int, output_dir, positive_int, print_retrieval, process_group, runtime_record, seed,
-                     settings, train_transforms, trainer_options)
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger("unicom.retrieval")
 
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("retrieval", add_help=add_help, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = program_parser("retrieval", __doc__, add_help)
     p.add_argument("--eval", action="store_true", help="zero-shot evaluation only (no fine-tuning)")
     p.add_argument("--published", action="store_true",
                    help="fine-tuning: start from the published script's settings for --dataset and --model_name "
                         "(batch per process, epochs, lr, margins, num_feat, transform, ...); flags given here win")
-    p.add_argument("--dataset", default="cub", help=f"one of {', '.join(available_datasets())}")
+    p.add_argument("--dataset", default="cub", help=f"one of {', '.join(DATASET_NAMES)}")
     p.add_argument("--data-root", "--data_root", dest="data_root", default="data",
-                   help="folder holding the datasets in their standard layouts (default: data); for --dataset "
-                        "folder, the folder of labelled images itself")
+                   help="the folder that holds each dataset's own folder in its standard layout "
+                        "(<root>/CUB_200_2011/images/..., <root>/Stanford_Online_Products/...); for --dataset folder, "
+                        "the folder of labelled images itself")
     p.add_argument("--model_name", "--model-name", dest="model_name", default="ViT-B/16", type=non_empty,
-                   help="a registered model name or a checkpoint path")
-    add_loader_args(p, 128, "images per process per step",
-                    "data loading processes per process")
+                   help="a registered model name or a checkpoint path (default: %(default)s, as published)")
+    p.add_argument("--batch_size", "--batch-size", dest="batch_size", type=positive_int, default=128,
+                   help="images per process per step")
+    p.add_argument("--num_workers", "--num-workers", dest="num_workers", type=non_negative_int,
+                   default=default_num_workers(), help="data loading processes per process (8, or the CPUs here "
+                                                       "if fewer)")
     p.add_argument("--num_feat", type=positive_int, default=None,
                    help="use only the first num_feat embedding dimensions (as trained with feature sampling)")
     p.add_argument("--output", default="output", type=output_dir, help="folder for results.json (and checkpoints)")
@@ -94,7 +92,7 @@ def published_settings(dataset: str, model_name: str) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; with ``--published``, the published run's settings fill in every flag not given."""
     parser = get_args_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     if not args.eval and args.epochs == 0:
         parser.error("argument --epochs: fine-tuning needs at least 1 epoch")
     if not args.published:
@@ -112,6 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _compare_with_published(args) -> None:
     """Say so when this run's global batch differs from the published run's (ArcFace over Partial FC
     sees every process's batch at once: its size is part of the setting)."""
+    from .. import _distributed as dist
+
     run = PUBLISHED_RUNS[(args.dataset, args.model_name)]
     processes, published = run["processes"], run["processes"] * run["batch_size"]
     world = dist.get_world_size()
@@ -121,18 +121,31 @@ def _compare_with_published(args) -> None:
                        published, world, args.batch_size, world * args.batch_size)
 
 
-def _evaluate(model, data, args, device) -> tuple[dict, object]:
-    """Evaluate ``model`` on ``data``: (the results.json record, the :class:`RetrievalResult`)."""
+def _evaluate(model, data, args, device, heading: str = "") -> tuple[dict, object]:
+    """Evaluate ``model`` on ``data``: (the results.json record, the :class:`RetrievalResult`); the
+    table printed starts with ``heading`` (fine-tuning: the epoch)."""
+    from .. import _distributed as dist
+    from ..evaluate import evaluate_retrieval
+    from .common import embedding_options, print_retrieval
+
     result = evaluate_retrieval(model, data.query, data.gallery, ks=data.ks, num_feat=args.num_feat,
                                 chunk_size=args.chunk_size, **embedding_options(args, device))
     record = {"dataset": data.name, "model": str(args.model_name), **result.record()}
     if dist.is_main_process():
-        print_retrieval(record)
+        print_retrieval(record, heading)
     return record, result
 
 
 def evaluate(args, device: torch.device) -> int:
     """``--eval``: zero-shot retrieval of ``--model_name`` on ``--dataset``'s test split."""
+    import torch
+
+    from .. import _distributed as dist
+    from .._utils import unwrap_model, write_json
+    from ..data import load_retrieval_dataset
+    from .._factory import load
+    from .common import check_images, runtime_record
+
     torch.manual_seed(args.seed)
     model, transform = load(args.model_name, device=device, compile=args.compile)
     size = unwrap_model(model).config.embedding_size
@@ -165,6 +178,8 @@ class EpochSampler:
     """
 
     def __init__(self, num_items: int, batch_size: int, seed: int) -> None:
+        from .. import _distributed as dist
+
         self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.batches_per_epoch = num_items // self.world // batch_size
@@ -174,6 +189,8 @@ class EpochSampler:
             )
 
     def batches(self, epoch: int) -> list[list[int]]:
+        import torch
+
         order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + epoch))
         per_rank = self.batches_per_epoch * self.batch_size
         mine = order[self.rank :: self.world][:per_rank].tolist()
@@ -181,6 +198,8 @@ class EpochSampler:
 
 
 def train_loader(dataset, sampler: EpochSampler, epoch: int, args, pin: bool):
+    import torch
+
     from ..data.loader import collate
 
     return torch.utils.data.DataLoader(
@@ -197,6 +216,14 @@ def _decoded(loader):
 
 def train(args, device: torch.device) -> int:
     """Fine-tune ``--model_name`` on ``--dataset``'s train split; evaluate on its test split each epoch."""
+    from .. import _distributed as dist
+    from .._utils import write_json
+    from ..checkpoint import save_model
+    from ..data import load_retrieval_dataset
+    from .._factory import load
+    from .._training import build_trainer, seed_everything, train_epoch
+    from .common import check_images, settings, train_transforms, trainer_options
+
     seed_everything(args.seed)
     model, _ = load(args.model_name, device="cpu")
     config = model.config
@@ -219,11 +246,9 @@ def train(args, device: torch.device) -> int:
     trainer.resume(args.resume)
     output, record, start = Path(args.output), {}, trainer.epoch
     for epoch in range(start, args.epochs):
-        loader = torch.utils.data.DataLoader(
-            train_data.query, batch_sampler=sampler.batches(epoch), num_workers=args.num_workers,
-            collate_fn=collate, pin_memory=device.type == "cuda", persistent_workers=False)
+        loader = train_loader(train_data.query, sampler, epoch, args, pin=device.type == "cuda")
         train_epoch(trainer, _decoded(loader), sampler.batches_per_epoch)
-        record, result = _evaluate(trainer.model, test_data, args, device)
+        record, result = _evaluate(trainer.model, test_data, args, device, f"epoch {epoch + 1}/{args.epochs}")
         score = result.metrics["recall"][test_data.ks[0]]
         trainer.best = max(trainer.best, score)
         record.update(epoch=epoch + 1, best_recall_at_1=100.0 * trainer.best)
@@ -233,7 +258,7 @@ def train(args, device: torch.device) -> int:
                 save_model(trainer.model, output / "model_best.pt")
         trainer.finish_epoch()
     if start >= args.epochs:  # resumed a finished run: report it again (every rank embeds)
-        record, _ = _evaluate(trainer.model, test_data, args, device)
+        record, _ = _evaluate(trainer.model, test_data, args, device, f"epoch {args.epochs}/{args.epochs}")
         record.update(epoch=args.epochs, best_recall_at_1=100.0 * trainer.best)
     if dist.is_main_process():
         write_json({**record, **damaged, "settings": settings(args)}, output / "results.json")
@@ -243,7 +268,12 @@ def train(args, device: torch.device) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with process_group(args) as device:
+    from .. import _distributed as dist
+    from .common import setup_logging
+
+    device = dist.setup(args.device)
+    setup_logging()
+    try:
         if args.eval:
             return evaluate(args, device)
         if args.published:
@@ -251,3 +281,5 @@ def main(argv: list[str] | None = None) -> int:
         if args.compile:
             raise ValueError("--compile applies to --eval (embedding with a frozen model); fine-tuning runs eagerly")
         return train(args, device)
+    finally:
+        dist.cleanup()
