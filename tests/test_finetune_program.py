@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -258,6 +259,21 @@ def test_a_short_last_accumulation_group_applies_its_own_mean_gradient(cub, chec
 
 
 # ----------------------------------------------------------------------------- NaN
+
+
+def test_cosine_schedule_warms_up_linearly_then_falls_to_zero_and_stays() -> None:
+    """20 steps: a linear warm-up over the first 10% (2 steps, the first at half the rate), then
+    half a cosine from the full rate at step 2 to zero at step 20, and zero beyond."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = training.SCHEDULES["cosine"](optimizer, 20)
+    lrs = []
+    for _ in range(25):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    want = [0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * (s - 2) / 18)) for s in range(2, 21)] + [0.0] * 4
+    assert lrs == pytest.approx(want, abs=1e-12)
+    assert lrs[11] == pytest.approx(0.5) and lrs[20] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_absurd_learning_rate_stops_with_a_nan_error(cub, checkpoint, tmp_path) -> None:
