@@ -99,3 +99,20 @@ def test_undecodable_gallery_images_are_counted_and_left_out(tmp_path, checkpoin
     assert {k: result.metrics[k] for k in ("recall", "num_query", "num_gallery", "num_lone_queries")} == \
         {k: expected[k] for k in ("recall", "num_query", "num_gallery", "num_lone_queries")}
     assert result.metrics["map_at_r"] == pytest.approx(expected["map_at_r"], abs=1e-12)
+
+
+def test_embed_loader_regroups_loader_batches_into_model_batches_without_losing_rows():
+    """Loader batches of 3, 3, 3 and 2 rows into model batches of 4 (4, 4, then the last 3):
+    every row once, in order, as the model gives it row by row."""
+    from unicom.evaluate import embed_loader
+
+    torch.manual_seed(0)
+    model = unicom.VisionTransformer(input_size=16, patch_size=8, dim=32, embedding_size=8, depth=1, num_heads=1)
+    images = torch.randn(11, 3, 16, 16)
+    batches = [(images[s:s + n], torch.arange(s, s + n) % 3, torch.arange(s, s + n), torch.ones(n, dtype=torch.bool))
+               for s, n in ((0, 3), (3, 3), (6, 3), (9, 2))]
+    out = embed_loader(model, batches, torch.device("cpu"), batch_size=4, progress=False)
+    with torch.no_grad():
+        want = torch.cat([model.eval()(images[i:i + 1]) for i in range(11)])
+    assert torch.equal(out.indices, torch.arange(11)) and torch.equal(out.labels, torch.arange(11) % 3)
+    torch.testing.assert_close(out.features, want, rtol=1e-5, atol=1e-5)

@@ -175,7 +175,8 @@ def test_16_bit_scaling_does_not_depend_on_the_rest_of_the_image(tmp_path):
 
 def test_test_and_train_transforms(photo):
     assert tfm.test_transform(224)(photo).shape == (3, 224, 224)
-    assert tfm.test_transform(336).transforms[1].size == 336
+    # timm's crop_pct 0.875 up to 224 pixels (224 -> 256), none for the 336-pixel model
+    assert [tfm.test_transform(n).transforms[1].size for n in (32, 224, 225, 336)] == [36, 256, 225, 336]
     torch.manual_seed(0)
     assert train_transform(64, "timm")(photo.convert("L")).shape == (3, 64, 64)
     assert train_transform(64, "origin_clip")(photo).shape == (3, 64, 64)
