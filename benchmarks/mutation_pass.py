@@ -6,7 +6,7 @@ entries)::
 
     [[mutant]]
     id = 'hub.416_skips_hash'              # unique; --only matches parts of it
-    file = 'unicom/hub.py'
+    file = 'unicom/_hub.py'
     old = 'return _hash_file(part).hexdigest()'   # must occur exactly once in file
     new = 'return expected'
     tests = ['tests/test_hub.py']          # pytest arguments: files or node ids that should catch it
