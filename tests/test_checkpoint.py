@@ -63,10 +63,13 @@ def test_save_model_records_config_and_roundtrips(tmp_path, x, suffix):
     torch.testing.assert_close(embed(loaded, x), embed(model, x), rtol=0, atol=0)
 
 
-def test_module_prefix_and_training_checkpoint_layout(tmp_path, x):
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module."])
+def test_wrapper_prefixes_and_training_checkpoint_layout(tmp_path, x, prefix):
+    """DDP (module.), torch.compile (_orig_mod., as torch.compile(model).state_dict() names them)
+    and both nested either way."""
     model = small_model()
-    path = tmp_path / "ddp.pt"
-    torch.save({"epoch": 3, "model": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
+    path = tmp_path / "wrapped.pt"
+    torch.save({"epoch": 3, "model": {f"{prefix}{k}": v for k, v in model.state_dict().items()}}, path)
     loaded, _ = unicom.load(path, device="cpu")
     torch.testing.assert_close(embed(loaded, x), embed(model, x), rtol=0, atol=0)
 

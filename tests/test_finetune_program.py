@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -258,6 +259,35 @@ def test_a_short_last_accumulation_group_applies_its_own_mean_gradient(cub, chec
 
 
 # ----------------------------------------------------------------------------- NaN
+
+
+def test_cosine_schedule_warms_up_linearly_then_falls_to_zero_and_stays() -> None:
+    """20 steps: a linear warm-up over the first 10% (2 steps, the first at half the rate), then
+    half a cosine from the full rate at step 2 to zero at step 20, and zero beyond."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = training.SCHEDULES["cosine"](optimizer, 20)
+    lrs = []
+    for _ in range(25):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    want = [0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * (s - 2) / 18)) for s in range(2, 21)] + [0.0] * 4
+    assert lrs == pytest.approx(want, abs=1e-12)
+    assert lrs[11] == pytest.approx(0.5) and lrs[20] == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("weight", [None, 3.0])
+def test_the_class_centres_learn_at_lr_pfc_weight_times_the_rate(tmp_path, weight) -> None:
+    """The backbone at lr, the Partial FC centres at lr * lr_pfc_weight (10 by default)."""
+    model = unicom.VisionTransformer(input_size=16, patch_size=8, dim=32, embedding_size=8, depth=1, num_heads=1)
+    options = {} if weight is None else {"lr_pfc_weight": weight}
+    trainer = training.build_trainer(model, num_classes=5, margin=CombinedMarginLoss(), device=torch.device("cpu"),
+                                     output=tmp_path, total_steps=10, batch_size=2, lr=1e-3, schedule="cosine",
+                                     **options)
+    backbone, centres = trainer.optimizer.param_groups
+    assert {id(p) for p in backbone["params"]} == {id(p) for p in model.parameters()}
+    assert [id(p) for p in centres["params"]] == [id(p) for p in trainer.pfc.parameters()]
+    assert (backbone["initial_lr"], centres["initial_lr"]) == pytest.approx((1e-3, 1e-3 * (weight or 10.0)))
 
 
 def test_absurd_learning_rate_stops_with_a_nan_error(cub, checkpoint, tmp_path) -> None:

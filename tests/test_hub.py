@@ -105,8 +105,14 @@ def test_a_cache_folder_it_cannot_write_to_is_a_download_error(server: FileServe
 
 
 def test_no_checksum_means_no_verification(server: FileServer, root: Path) -> None:
-    url = server.add(PATH, DATA)
-    assert Path(download(url, None, progress=False)).read_bytes() == DATA
+    # Bytes other than those SHA describes: with the checksum they are refused, without it kept.
+    other = DATA[:-1] + bytes([DATA[-1] ^ 1])
+    url = server.add(PATH, other)
+    with pytest.raises(ChecksumError):
+        download(url, SHA, progress=False)
+    assert _leftovers(root) == []
+    assert Path(download(url, None, progress=False)).read_bytes() == other
+    assert _leftovers(root) == ["weights.bin"]
 
 
 # ---- resuming --------------------------------------------------------------------------
@@ -139,6 +145,18 @@ def test_complete_part_is_finished_after_416(server: FileServer, root: Path) -> 
     path = download(url, SHA, progress=False)
     assert [r.range for r in server.requests] == [f"bytes={len(DATA)}-"]
     assert Path(path).read_bytes() == DATA
+
+
+def test_wrong_full_length_part_answered_by_416_is_hashed_and_fetched_again(server: FileServer, root: Path) -> None:
+    # 416 with the .part's own length says "complete", not "correct": the hash still decides,
+    # and a wrong .part is deleted and fetched again from zero.
+    url = server.add(PATH, DATA)
+    root.mkdir()
+    (root / "weights.bin.part").write_bytes(DATA[:-1] + bytes([DATA[-1] ^ 1]))
+    path = download(url, SHA, progress=False)
+    assert [r.range for r in server.requests] == [f"bytes={len(DATA)}-", None]
+    assert Path(path).read_bytes() == DATA
+    assert _leftovers(root) == ["weights.bin"]
 
 
 def test_longer_stale_part_is_not_accepted_without_hash(server: FileServer, root: Path) -> None:

@@ -1,7 +1,8 @@
 """``knn.py`` end to end: small ImageFolder trees, a tiny checkpoint, real gloo processes.
 
-Accuracies are checked against ``unicom.metrics.knn_accuracy`` on embeddings this file
-computes itself, one image at a time, with labels taken from the class folder names.
+Accuracies are checked against an independent reference (``reference.py``): a float64
+brute-force weighted vote on embeddings of each file computed one at a time through the
+published pixels and the published model graph, with labels taken from the class folder names.
 """
 
 from __future__ import annotations
@@ -16,16 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import synthetic_datasets as synth  # noqa: E402
 from dist_utils import run_in_processes  # noqa: E402
+from reference import embed_files, published_model, ref_knn  # noqa: E402
 
-import unicom  # noqa: E402
 from unicom.data import BadImageError  # noqa: E402
-from unicom.metrics import knn_accuracy  # noqa: E402
 from unicom.programs.knn import few_shot_subset, main  # noqa: E402
 
 # Train: 7 classes, 23 images (uneven shards over 2 and 3 processes). Val: 3 of those
@@ -80,18 +79,13 @@ def bad_train(tmp_path_factory, trees) -> tuple[Path, str]:
 
 @pytest.fixture(scope="module")
 def embed(checkpoint):
-    """Embed files one at a time with the checkpoint: (N, D) float64."""
-    model, transform = unicom.load(checkpoint, device="cpu")
+    """Embed files one at a time, independently of the library: (N, D) float64."""
+    model = published_model(checkpoint)
+    return lambda items: embed_files(model, [item.path for item in items], n_px=32)
 
-    @torch.no_grad()
-    def run(items: list[synth.Item]) -> torch.Tensor:
-        out = []
-        for item in items:
-            with Image.open(item.path) as image:
-                out.append(model(transform(image.convert("RGB")).unsqueeze(0)))
-        return torch.cat(out).double()
 
-    return run
+def knn_accuracy(train, train_labels, test, test_labels, ks, num_classes, temperature=0.07) -> dict:
+    return ref_knn(train, train_labels, test, test_labels, list(ks), temperature, num_classes)
 
 
 def labels_of(items: list[synth.Item]) -> torch.Tensor:

@@ -69,3 +69,21 @@ def test_offline_missing_file_says_where_to_put_it(monkeypatch, tmp_path):
     assert str(tmp_path / "FP16-ViT-B-32.pt") in message
     assert REGISTRY["ViT-B/32"].url in message
     assert "pass a checkpoint file" in message and "--model_name path/to/file.pt" in message
+
+
+# The release table (file, SHA256, URL), copied from the published README and release page.
+PUBLISHED = {
+    "ViT-B/32": ("https://github.com/deepglint/unicom/releases/download/b32/FP16-ViT-B-32.pt",
+                 "f9d5696a9b58dbbbefee2d31615ca59084f2895a0fdd2ca4c235e0f9b2793f7a", 224),
+    "ViT-B/16": ("https://github.com/deepglint/unicom/releases/download/b16/FP16-ViT-B-16.pt",
+                 "c04f324f7c3b4435667236ec6c0eca1cd62f9d64fbfc2d06f8e8e60e6497edef", 224),
+    "ViT-L/14": ("https://github.com/deepglint/unicom/releases/download/l14/FP16-ViT-L-14.pt",
+                 "ff3ab62ff782876460099e6e0ee17b73a7c01109de2fffd595f16f4129404bbd", 224),
+    "ViT-L/14@336px": ("https://github.com/deepglint/unicom/releases/download/l14_336px/FP16-ViT-L-14-336px.pt",
+                       "3916ab5aed3b522fc90345be8b4457fe5dad60801ad2af5a6871c0c096e8d7ea", 336),
+}
+
+
+def test_registry_is_the_published_release_table():
+    assert {name: (e.url, e.sha256, e.input_size) for name, e in REGISTRY.items()} == PUBLISHED
+    assert [e.filename for e in REGISTRY.values()] == [url.rsplit("/", 1)[1] for url, _, _ in PUBLISHED.values()]

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from reference import ref_knn, ref_retrieval, ref_topk
 from unicom.metrics import (
     knn_accuracy,
     knn_classify,
@@ -52,80 +53,6 @@ def exact_data(n: int, num_classes: int, seed: int, dtype: torch.dtype = torch.f
     labels[dst[same]] = labels[src[same]]
     x = x * 2.0 ** torch.randint(0, 3, (n, 1), generator=g)  # normalisation stays exact
     return x.to(dtype), labels
-
-
-# ---------------------------------------------------------------------------------------
-# references: full float64 matrices, loops, the documented ranking rule
-
-
-def ref_sims(q: torch.Tensor, g: torch.Tensor) -> np.ndarray:
-    q, g = q.double(), g.double()
-    q = q / q.norm(dim=1, keepdim=True)
-    g = g / g.norm(dim=1, keepdim=True)
-    return (q @ g.T).numpy()
-
-
-def ref_ranking(sims_row: np.ndarray, exclude: int | None = None) -> np.ndarray:
-    # similarity descending, index ascending (lexsort sorts by the last key first)
-    order = np.lexsort((np.arange(len(sims_row)), -sims_row))
-    return order[order != exclude] if exclude is not None else order
-
-
-def ref_retrieval(query, query_labels, gallery=None, gallery_labels=None, ks=(1, 2, 4, 8)) -> dict:
-    self_search = gallery is None
-    if self_search:
-        gallery, gallery_labels = query, query_labels
-    sims = ref_sims(query, gallery)
-    query_labels, gallery_labels = query_labels.numpy(), gallery_labels.numpy()
-    recall = {k: 0 for k in ks}
-    ap_sum = rp_sum = 0.0
-    lone = 0
-    for i in range(len(query)):
-        ranked = ref_ranking(sims[i], exclude=i if self_search else None)
-        rel = (gallery_labels[ranked] == query_labels[i]).tolist()
-        r = sum(rel)
-        for k in ks:
-            recall[k] += any(rel[:k])
-        if r == 0:
-            lone += 1
-            continue
-        ap_sum += sum(sum(rel[: p + 1]) / (p + 1) for p in range(r) if rel[p]) / r
-        rp_sum += sum(rel[:r]) / r
-    n = len(query)
-    scored = n - lone
-    return {
-        "recall": {k: v / n for k, v in recall.items()},
-        "map_at_r": ap_sum / scored if scored else float("nan"),
-        "r_precision": rp_sum / scored if scored else float("nan"),
-        "num_query": n,
-        "num_gallery": len(gallery),
-        "num_lone_queries": lone,
-    }
-
-
-def ref_topk(query, gallery, k):
-    sims = ref_sims(query, gallery)
-    k = min(k, gallery.shape[0])
-    idx = np.array([ref_ranking(row)[:k] for row in sims])
-    return np.take_along_axis(sims, idx, 1), idx
-
-
-def ref_knn(train, train_labels, test, test_labels, ks, temperature, num_classes):
-    sims = ref_sims(test, train)
-    train_labels, test_labels = train_labels.tolist(), test_labels.tolist()
-    out = {}
-    for k in ks:
-        top1 = top5 = 0
-        for i in range(len(test)):
-            scores = [0.0] * num_classes
-            for j in ref_ranking(sims[i])[:k]:
-                scores[train_labels[j]] += math.exp(sims[i, j] / temperature)
-            ranked = sorted(range(num_classes), key=lambda c: (-scores[c], c))[: min(5, num_classes)]
-            preds = [c for c in ranked if scores[c] > 0]  # a class without a vote is not a prediction
-            top1 += preds[0] == test_labels[i]
-            top5 += test_labels[i] in preds
-        out[k] = {"top1": top1 / len(test), "top5": top5 / len(test)}
-    return out
 
 
 def assert_same_metrics(got: dict, want: dict) -> None:

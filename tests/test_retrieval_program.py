@@ -1,7 +1,9 @@
 """``retrieval.py --eval`` end to end: synthetic benchmark trees, a tiny checkpoint, real processes.
 
-Every metric the program writes is checked against ``unicom.metrics.retrieval_metrics`` run
-on embeddings this file computes itself, one image at a time, straight from the files.
+Every metric the program writes is checked against an independent reference (``reference.py``):
+float64 brute-force metrics on embeddings of each file computed one at a time through the
+published pixels (mean and std written out) and the published model graph, with no library
+code between the files and the numbers.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import synthetic_datasets as synth  # noqa: E402
 from dist_utils import run_in_processes  # noqa: E402
+from reference import embed_files, published_model, ref_retrieval  # noqa: E402
 
 import unicom  # noqa: E402
 from unicom.data import BadImageError  # noqa: E402
-from unicom.metrics import retrieval_metrics  # noqa: E402
 from unicom.programs.retrieval import main  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore::unicom.data.DatasetCountWarning"),
@@ -61,18 +63,9 @@ def cub_bad(tmp_path_factory) -> tuple[synth.Written, str]:
 
 @pytest.fixture(scope="module")
 def reference(checkpoint):
-    """Embed files one at a time with the checkpoint: (N, D) float64 features."""
-    model, transform = unicom.load(checkpoint, device="cpu")
-
-    @torch.no_grad()
-    def embed(paths: list[str]) -> torch.Tensor:
-        images = []
-        for path in paths:
-            with Image.open(path) as image:
-                images.append(transform(image.convert("RGB")))
-        return torch.cat([model(x.unsqueeze(0)) for x in images]).double()
-
-    return embed
+    """Embed files one at a time, independently of the library: (N, D) float64 features."""
+    model = published_model(checkpoint)
+    return lambda paths: embed_files(model, paths, n_px=32)
 
 
 def encode(keys: list[str], *more: list[str]) -> list[torch.Tensor]:
@@ -104,7 +97,7 @@ def release_frames(error: BaseException) -> None:
 
 
 def assert_metrics_equal(record: dict, expected: dict) -> None:
-    """The JSON record (percent) against retrieval_metrics fractions."""
+    """The JSON record (percent) against the reference's fractions."""
     assert record["num_query"] == expected["num_query"]
     assert record["num_gallery"] == expected["num_gallery"]
     assert record["recall"] == {str(k): pytest.approx(100.0 * v, abs=1e-9) for k, v in expected["recall"].items()}
@@ -135,7 +128,7 @@ def test_cub_results_equal_metrics_on_brute_force_embeddings(cub, checkpoint, re
 
     features = reference([item.path for item in cub.test])
     (labels,) = encode([item.key for item in cub.test])
-    expected = retrieval_metrics(features, labels, ks=(1, 2, 4, 8))
+    expected = ref_retrieval(features, labels, ks=(1, 2, 4, 8))
     assert expected["num_query"] == expected["num_gallery"] == CUB_PER_CLASS * (CUB_CLASSES - CUB_CLASSES // 2)
     assert_metrics_equal(record, expected)
 
@@ -145,7 +138,7 @@ def test_inshop_query_searches_gallery(checkpoint, reference, tmp_path) -> None:
     record = run_eval(written.root, checkpoint, tmp_path / "out", dataset="inshop")
 
     query_labels, gallery_labels = encode([i.key for i in written.test], [i.key for i in written.gallery])
-    expected = retrieval_metrics(reference([i.path for i in written.test]), query_labels,
+    expected = ref_retrieval(reference([i.path for i in written.test]), query_labels,
                                  reference([i.path for i in written.gallery]), gallery_labels,
                                  ks=(1, 10, 20, 30, 40, 50))
     assert (record["num_query"], record["num_gallery"]) == (8, 12)
@@ -161,7 +154,7 @@ def test_cars_alias(checkpoint, reference, tmp_path) -> None:
     assert record["dataset"] == "car"
     # Cars classes are numbers: the loader orders them by value, as int keys do here.
     (labels,) = encode([int(i.key) for i in written.test])
-    assert_metrics_equal(record, retrieval_metrics(reference([i.path for i in written.test]), labels))
+    assert_metrics_equal(record, ref_retrieval(reference([i.path for i in written.test]), labels))
 
 
 def test_digits_runs_without_a_data_root(checkpoint, tmp_path) -> None:
@@ -179,9 +172,9 @@ def test_num_feat_uses_the_first_dimensions(cub, checkpoint, reference, tmp_path
 
     features = reference([item.path for item in cub.test])
     (labels,) = encode([item.key for item in cub.test])
-    expected = retrieval_metrics(features[:, :16], labels)
+    expected = ref_retrieval(features[:, :16], labels)
     # Guard: the full embedding scores differently, so a program ignoring --num_feat fails.
-    full = retrieval_metrics(features, labels)
+    full = ref_retrieval(features, labels)
     assert (full["map_at_r"], full["recall"]) != (expected["map_at_r"], expected["recall"])
     assert_metrics_equal(record, expected)
 
@@ -232,7 +225,7 @@ def test_skip_bad_images_leaves_them_out(cub_bad, checkpoint, reference, tmp_pat
     assert record["num_query"] == record["num_gallery"] == len(written.test)
     # The good images score exactly as if the bad file were not there (nothing substituted).
     (labels,) = encode([item.key for item in written.test])
-    assert_metrics_equal(record, retrieval_metrics(reference([item.path for item in written.test]), labels))
+    assert_metrics_equal(record, ref_retrieval(reference([item.path for item in written.test]), labels))
 
 
 def test_skip_bad_images_in_two_processes(cub_bad, checkpoint, tmp_path) -> None:

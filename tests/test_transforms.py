@@ -12,26 +12,9 @@ from PIL import Image
 from sklearn.datasets import load_sample_image
 from torchvision import transforms as T
 
+from reference import PUBLISHED_MEAN, PUBLISHED_STD, reference_pixels
 from unicom import transforms as tfm
 from unicom.transforms import MEAN, STD, eval_transform, to_rgb, train_transform
-
-
-# The published CLIP normalisation, channel order R, G, B (UPSTREAM.md, "Preprocessing").
-PUBLISHED_MEAN = (0.48145466, 0.4578275, 0.40821073)
-PUBLISHED_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def reference_pixels(rgb: np.ndarray, n_px: int, resize: int | None = None) -> np.ndarray:
-    """The published eval transform of an (H, W, 3) uint8 array in float64, (3, n_px, n_px):
-    bicubic resize of the shorter side to ``resize`` (default n_px; the longer side truncated
-    as torchvision does), centre crop with torchvision's offsets, /255, normalise."""
-    resize = n_px if resize is None else resize
-    h, w = rgb.shape[:2]
-    size = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)  # (width, height)
-    resized = np.asarray(Image.fromarray(rgb, "RGB").resize(size, Image.Resampling.BICUBIC), dtype=np.float64)
-    top, left = int(round((size[1] - n_px) / 2.0)), int(round((size[0] - n_px) / 2.0))
-    crop = resized[top : top + n_px, left : left + n_px]
-    return ((crop / 255.0 - np.array(PUBLISHED_MEAN)) / np.array(PUBLISHED_STD)).transpose(2, 0, 1)
 
 
 def small_image(width: int, height: int, seed: int = 0) -> np.ndarray:
@@ -192,7 +175,8 @@ def test_16_bit_scaling_does_not_depend_on_the_rest_of_the_image(tmp_path):
 
 def test_test_and_train_transforms(photo):
     assert tfm.test_transform(224)(photo).shape == (3, 224, 224)
-    assert tfm.test_transform(336).transforms[1].size == 336
+    # timm's crop_pct 0.875 up to 224 pixels (224 -> 256), none for the 336-pixel model
+    assert [tfm.test_transform(n).transforms[1].size for n in (32, 224, 225, 336)] == [36, 256, 225, 336]
     torch.manual_seed(0)
     assert train_transform(64, "timm")(photo.convert("L")).shape == (3, 64, 64)
     assert train_transform(64, "origin_clip")(photo).shape == (3, 64, 64)
