@@ -14,12 +14,14 @@ from typing import Callable, Iterator
 import torch
 
 from .. import _distributed as dist
-from .._utils import PRECISIONS
+from .._utils import PRECISIONS, QUANTIZED_PRECISIONS
 from ..data._pipelines import DECODE_CHOICES, jpeg, resolve_decode
 from ..losses import MARGIN_GRADIENTS, CombinedMarginLoss
 from ..transforms import test_transform, train_transform
 
-PRECISION_CHOICES = ("auto", *PRECISIONS)
+PRECISION_CHOICES = ("auto", *PRECISIONS)  # autocast: training, and embedding with a frozen model
+# Embedding with a frozen model may also quantise it (int8, CPUs only: see load_for_embedding).
+EMBEDDING_PRECISION_CHOICES = (*PRECISION_CHOICES, *QUANTIZED_PRECISIONS)
 
 
 def setup_logging() -> None:
@@ -40,10 +42,28 @@ def process_group(args: argparse.Namespace) -> Iterator[torch.device]:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: fp16 autocast on CUDA (as published), exact fp32 on the CPU."""
+    """``auto``: fp16 autocast on CUDA (as published), exact fp32 on the CPU. ``int8`` is refused
+    off the CPU (a ValueError saying so)."""
     if precision == "auto":
         return "fp16" if device.type == "cuda" else "fp32"
+    if precision in QUANTIZED_PRECISIONS and device.type != "cpu":
+        raise ValueError(f"--precision {precision} runs on CPUs only, and this run's device is {device}: add "
+                         "--device cpu (on GPUs, auto gives fp16)")
     return precision
+
+
+def load_for_embedding(name_or_path, device: torch.device, precision: str = "auto", compile: bool = False):
+    """``(model, transform)`` for embedding with ``--precision``: int8 loads the quantised model
+    (``load(precision="int8")``, CPUs only, refused elsewhere before anything loads); every other
+    precision loads the fp32 weights, and :func:`embedding_options` gives the autocast."""
+    from .._factory import load
+
+    resolved = resolve_precision(precision, torch.device(device))
+    if resolved in QUANTIZED_PRECISIONS and compile:
+        raise ValueError(f"--compile does not apply to --precision {resolved} (its quantised kernels run as they "
+                         "are): leave one out")
+    return load(name_or_path, device=device, precision=resolved if resolved in QUANTIZED_PRECISIONS else "fp32",
+                compile=compile)
 
 
 def runtime_record(args, device: torch.device) -> dict:
@@ -200,12 +220,15 @@ def add_loader_args(p: argparse.ArgumentParser, batch_size: int, batch_help: str
 
 
 def add_runtime_args(parser, compile: bool = True) -> None:
-    """Flags every program shares: device, precision, data loading (and ``--compile`` for
-    the programs that embed with a frozen model)."""
+    """Flags every program shares: device, precision, data loading (and ``--compile`` and
+    ``--precision int8`` for the programs that embed with a frozen model)."""
     parser.add_argument("--device", default=None, type=device_option,
                         help="cuda, cuda:1 or cpu (default: the local GPU when there is one, else the CPU)")
-    parser.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
-                        help="autocast precision for the forward pass; auto = fp16 on GPUs, fp32 on CPUs")
+    int8 = ("; int8 (CPUs only): quantised weights, several times faster than fp32, close to it but not the "
+            "published numbers (see the README)") if compile else ""
+    parser.add_argument("--precision", default="auto", choices=EMBEDDING_PRECISION_CHOICES if compile
+                        else PRECISION_CHOICES,
+                        help="autocast precision for the forward pass; auto = fp16 on GPUs, fp32 on CPUs" + int8)
     parser.add_argument("--decode", default="auto", choices=("auto", *DECODE_CHOICES), type=_decode_option,
                         help="input pipeline: auto (default: device-resize on GPUs, exact on CPUs), exact and "
                              "device-resize give the published pixels; turbo (pip install simplejpeg) gives them "

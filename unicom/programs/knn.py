@@ -22,10 +22,9 @@ from .. import _distributed as dist
 from .._utils import write_json
 from ..data import load_image_folder
 from ..evaluate import Embeddings, embed_dataset
-from .._factory import load
 from ..metrics import knn_topk, knn_vote_accuracy, merge_topk
-from .common import (add_runtime_args, check_images, count_or_all, embedding_options, non_empty, non_negative_int,
-                     output_dir, positive_float32, positive_int, process_group, runtime_record, seed)
+from .common import (add_runtime_args, check_images, count_or_all, embedding_options, load_for_embedding, non_empty,
+                     non_negative_int, output_dir, positive_float32, positive_int, process_group, runtime_record, seed)
 
 logger = logging.getLogger("unicom.knn")
 
@@ -161,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     with process_group(args) as device:
         torch.manual_seed(args.seed)
-        model, transform = load(args.model_name, device=device, compile=args.compile)
+        model, transform = load_for_embedding(args.model_name, device, args.precision, compile=args.compile)
         train_set = load_image_folder(args.train_dataset, transform, args.skip_bad_images)
         val_set = load_image_folder(args.val_dataset, transform, args.skip_bad_images,
                                     class_to_idx={c: i for i, c in enumerate(train_set.classes)})

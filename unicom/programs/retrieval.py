@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .. import _distributed as dist
-from .._utils import unwrap_model, write_json
+from .._utils import QUANTIZED_PRECISIONS, unwrap_model, write_json
 from ..checkpoint import save_model
 from ..data import load_retrieval_dataset
 from ..data.loader import collate
@@ -27,9 +27,9 @@ from ..data.registry import available_datasets
 from ..evaluate import evaluate_retrieval
 from .._factory import load
 from .._training import build_trainer, seed_everything, train_epoch
-from .common import (add_loader_args, add_runtime_args, add_train_args, check_images, embedding_options, non_empty,
-                     non_negative_int, output_dir, positive_int, print_retrieval, process_group, runtime_record, seed,
-                     settings, train_transforms, trainer_options)
+from .common import (add_loader_args, add_runtime_args, add_train_args, check_images, embedding_options,
+                     load_for_embedding, non_empty, non_negative_int, output_dir, positive_int, print_retrieval,
+                     process_group, runtime_record, seed, settings, train_transforms, trainer_options)
 
 logger = logging.getLogger("unicom.retrieval")
 
@@ -134,7 +134,7 @@ def _evaluate(model, data, args, device) -> tuple[dict, object]:
 def evaluate(args, device: torch.device) -> int:
     """``--eval``: zero-shot retrieval of ``--model_name`` on ``--dataset``'s test split."""
     torch.manual_seed(args.seed)
-    model, transform = load(args.model_name, device=device, compile=args.compile)
+    model, transform = load_for_embedding(args.model_name, device, args.precision, compile=args.compile)
     size = unwrap_model(model).config.embedding_size
     if args.num_feat is not None and args.num_feat > size:
         raise ValueError(f"--num_feat {args.num_feat} is larger than the model's embedding ({size})")
@@ -250,4 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             _compare_with_published(args)
         if args.compile:
             raise ValueError("--compile applies to --eval (embedding with a frozen model); fine-tuning runs eagerly")
+        if args.precision in QUANTIZED_PRECISIONS:
+            raise ValueError(f"--precision {args.precision} applies to --eval (embedding with a frozen model on "
+                             "CPUs); fine-tuning runs in fp32, bf16 or fp16")
         return train(args, device)
