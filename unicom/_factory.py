@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ._utils import PRECISIONS
+from ._utils import PRECISIONS, QUANTIZED_PRECISIONS
 from .checkpoint import CheckpointError, config_from_state_dict, mismatch, read_checkpoint
 from .model import ViTConfig, VisionTransformer
 from ._pretrained import REGISTRY, get_pretrained, unknown_model_message
@@ -34,7 +34,8 @@ def _resolve_precision(precision: str | torch.dtype) -> torch.dtype:
     try:
         return PRECISIONS[precision]
     except KeyError:
-        raise ValueError(f"Unknown precision {precision!r}: expected one of {list(PRECISIONS)}") from None
+        raise ValueError(f"Unknown precision {precision!r}: expected one of "
+                         f"{[*PRECISIONS, *QUANTIZED_PRECISIONS]}") from None
 
 
 def _weights_file(
@@ -86,12 +87,16 @@ def load(
             for ``hf-hub:`` names huggingface_hub's, ``$HF_HUB_CACHE``).
         precision: ``"fp32"`` (default, exact), ``"fp16"`` or ``"bf16"``: the dtype of the
             weights. Half precision is meant for GPU inference; feed inputs of the same dtype.
+            ``"int8"``: CPU inference with int8 weights (see :func:`unicom.quantize.quantize`;
+            float32 in and out, faster than fp32 on CPUs, not the published numbers).
         compile: wrap the model in ``torch.compile`` (faster on GPUs after a warm-up).
 
     Returns:
         ``(model, transform)``: the model in eval mode, and the published eval transform
         (PIL image -> normalised tensor) for its input size.
     """
+    if precision == "int8":  # quantised weights: a CPU-only module for inference (unicom/quantize.py)
+        return _load_int8(name_or_path, device, download_root, compile)
     dtype = _resolve_precision(precision)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     path, config = _weights_file(name_or_path, download_root)
@@ -112,3 +117,18 @@ def load(
     if compile:
         model = torch.compile(model)
     return model, eval_transform(config.input_size)
+
+
+def _load_int8(name_or_path, device, download_root, compile: bool) -> tuple[torch.nn.Module, object]:
+    """``load(..., precision="int8")``: refused off the CPU before anything loads."""
+    device = torch.device(device if device is not None else "cpu")  # int8's default: the only place it runs
+    if device.type != "cpu":
+        raise ValueError(f"precision='int8' runs on CPUs only, got device={str(device)!r}: use device='cpu', "
+                         "or fp16/bf16 on GPUs")
+    if compile:
+        raise ValueError("compile=True does not apply to precision='int8' (ONNX Runtime or PyTorch's quantised "
+                         "kernels run it)")
+    from .quantize import quantize
+
+    model, transform = load(name_or_path, "cpu", download_root)
+    return quantize(model, cache_dir=download_root), transform

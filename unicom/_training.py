@@ -31,7 +31,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import _distributed as dist
-from ._utils import atomic_write, autocast_for, unwrap_model
+from ._utils import QUANTIZED_PRECISIONS, atomic_write, autocast_for, unwrap_model
 from .checkpoint import atomic_save
 from .losses import CombinedMarginLoss, PartialFC
 
@@ -180,6 +180,8 @@ def build_trainer(
         raise ValueError(f"gradient_acc must be >= 1, got {gradient_acc}")
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("fp16 training needs a GPU; use bf16 or fp32 precision on the CPU")
+    if precision in QUANTIZED_PRECISIONS:
+        raise ValueError(f"{precision} is an inference precision; train in fp32, bf16 or fp16")
     if schedule not in SCHEDULES:
         raise ValueError(f"Unknown schedule {schedule!r}: expected one of {list(SCHEDULES)}")
     world = dist.get_world_size()

@@ -15,6 +15,9 @@ import torch
 # Precision name -> dtype: the weights' dtype for ``load(precision=...)``, the autocast dtype for
 # the programs' ``--precision`` (fp32: no autocast).
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Inference-only precisions that quantise the weights (``load(precision="int8")``, CPUs only; see
+# unicom/quantize.py): the model takes and returns float32, so they need no autocast.
+QUANTIZED_PRECISIONS = ("int8",)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO], Any], mode: str = "wb") -> None:
@@ -62,7 +65,10 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """The autocast context for ``precision`` (a key of :data:`PRECISIONS`) on ``device``."""
+    """The autocast context for ``precision`` (a key of :data:`PRECISIONS`, or a quantised precision:
+    none) on ``device``."""
+    if precision in QUANTIZED_PRECISIONS:
+        return contextlib.nullcontext()
     try:
         dtype = PRECISIONS[precision]
     except KeyError:

@@ -57,6 +57,17 @@ class ViTConfig:
         return asdict(self)
 
 
+def check_images(x: torch.Tensor, config: ViTConfig) -> None:
+    """A ValueError unless ``x`` is a batch of images of the size ``config`` takes."""
+    expected = config.input_size
+    if x.ndim != 4:
+        raise ValueError(f"expected a batch of images (B, {config.in_channels}, {expected}, {expected}), "
+                         f"got a tensor of shape {tuple(x.shape)} (one image: add a batch dimension, x[None])")
+    if x.shape[1] != config.in_channels or x.shape[-2:] != (expected, expected):
+        raise ValueError(f"expected images of {expected}x{expected} with {config.in_channels} channels, got "
+                         f"{x.shape[2]}x{x.shape[3]} with {x.shape[1]}")
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drop the whole residual branch for a random subset of samples."""
 
@@ -182,12 +193,7 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> flattened normalised tokens (B, num_patches * dim)."""
-        expected = self.config.input_size
-        if x.ndim != 4:
-            raise ValueError(f"expected a batch of images (B, {self.config.in_channels}, {expected}, {expected}), "
-                             f"got a tensor of shape {tuple(x.shape)} (one image: add a batch dimension, x[None])")
-        if x.shape[-2:] != (expected, expected):
-            raise ValueError(f"expected images of {expected}x{expected}, got {tuple(x.shape[-2:])}")
+        check_images(x, self.config)
         x = self.patch_embed(x) + self.pos_embed  # (B, N, D)
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():

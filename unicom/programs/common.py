@@ -9,11 +9,13 @@ import warnings
 import torch
 
 from .. import _distributed as dist
+from .._utils import QUANTIZED_PRECISIONS
 from ..data._pipelines import resolve_decode
 from ..losses import CombinedMarginLoss
 from ..transforms import test_transform, train_transform
 # The flags moved to .flags (torch-free); names kept here for code that imports them from common.
-from .flags import (PRECISION_CHOICES, add_runtime_args, add_train_args, count_or_all, device_option,  # noqa: F401
+from .flags import (EMBEDDING_PRECISION_CHOICES, PRECISION_CHOICES,  # noqa: F401
+                    add_runtime_args, add_train_args, count_or_all, device_option,  # noqa: F401
                     fraction, non_empty, non_negative_float, non_negative_int, output_dir, positive_float,
                     positive_float32, positive_int, run_cli, seed)
 
@@ -35,10 +37,28 @@ def _log_warning(message, category, filename, lineno, file=None, line=None) -> N
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: fp16 autocast on CUDA (as published), exact fp32 on the CPU."""
+    """``auto``: fp16 autocast on CUDA (as published), exact fp32 on the CPU. ``int8`` is refused
+    off the CPU (a ValueError saying so)."""
     if precision == "auto":
         return "fp16" if device.type == "cuda" else "fp32"
+    if precision in QUANTIZED_PRECISIONS and device.type != "cpu":
+        raise ValueError(f"--precision {precision} runs on CPUs only, and this run's device is {device}: add "
+                         "--device cpu (on GPUs, auto gives fp16)")
     return precision
+
+
+def load_for_embedding(name_or_path, device: torch.device, precision: str = "auto", compile: bool = False):
+    """``(model, transform)`` for embedding with ``--precision``: int8 loads the quantised model
+    (``load(precision="int8")``, CPUs only, refused elsewhere before anything loads); every other
+    precision loads the fp32 weights, and :func:`embedding_options` gives the autocast."""
+    from .._factory import load
+
+    resolved = resolve_precision(precision, torch.device(device))
+    if resolved in QUANTIZED_PRECISIONS and compile:
+        raise ValueError(f"--compile does not apply to --precision {resolved} (its quantised kernels run as they "
+                         "are): leave one out")
+    return load(name_or_path, device=device, precision=resolved if resolved in QUANTIZED_PRECISIONS else "fp32",
+                compile=compile)
 
 
 def runtime_record(args, device: torch.device) -> dict:

@@ -17,11 +17,13 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-# Copies of registry names (see the module docstring): unicom._utils.PRECISIONS,
+# Copies of registry names (see the module docstring): unicom._utils.PRECISIONS and QUANTIZED_PRECISIONS,
 # unicom.data._pipelines.DECODE_CHOICES, unicom.losses.MARGIN_GRADIENTS, unicom._training.SCHEDULES,
 # unicom.data.registry.available_datasets(), unicom._pretrain.kmeans.BACKENDS,
 # unicom._pretrain.features.FUSIONS and available_sources().
-PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16")
+PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16")  # autocast: training, and embedding with a frozen model
+# Embedding with a frozen model may also quantise it (int8, CPUs only: see common.load_for_embedding).
+EMBEDDING_PRECISION_CHOICES = (*PRECISION_CHOICES, "int8")
 DECODE_CHOICES = ("exact", "device-resize", "turbo")
 MARGIN_GRADIENTS = ("straight-through", "exact")
 SCHEDULES = ("onecycle", "cosine")
@@ -218,12 +220,15 @@ def _decode_option(value: str) -> str:
 
 
 def add_runtime_args(parser, compile: bool = True) -> None:
-    """Flags every program shares: device, precision, data loading (and ``--compile`` for
-    the programs that embed with a frozen model)."""
+    """Flags every program shares: device, precision, data loading (and ``--compile`` and
+    ``--precision int8`` for the programs that embed with a frozen model)."""
     parser.add_argument("--device", default=None, type=device_option,
                         help="cuda, cuda:1 or cpu (default: the local GPU when there is one, else the CPU)")
-    parser.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
-                        help="autocast precision for the forward pass; auto = fp16 on GPUs, fp32 on CPUs")
+    int8 = ("; int8 (CPUs only): quantised weights, several times faster than fp32, close to it but not the "
+            "published numbers (see the README)") if compile else ""
+    parser.add_argument("--precision", default="auto",
+                        choices=EMBEDDING_PRECISION_CHOICES if compile else PRECISION_CHOICES,
+                        help="autocast precision for the forward pass; auto = fp16 on GPUs, fp32 on CPUs" + int8)
     parser.add_argument("--decode", default="auto", choices=("auto", *DECODE_CHOICES), type=_decode_option,
                         help="input pipeline: auto (device-resize on GPUs, exact on CPUs), exact and "
                              "device-resize give the published pixels; turbo (pip install simplejpeg) gives them "

@@ -186,14 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     from .. import _distributed as dist
     from .._utils import write_json
     from ..data import load_image_folder
-    from .._factory import load
-    from .common import check_images, runtime_record, setup_logging
+    from .common import check_images, load_for_embedding, runtime_record, setup_logging
 
     device = dist.setup(args.device)
     setup_logging()
     try:
         torch.manual_seed(args.seed)
-        model, transform = load(args.model_name, device=device, compile=args.compile)
+        model, transform = load_for_embedding(args.model_name, device, args.precision, compile=args.compile)
         train_set = load_image_folder(args.train_dataset, transform, args.skip_bad_images)
         val_set = load_image_folder(args.val_dataset, transform, args.skip_bad_images,
                                     class_to_idx={c: i for i, c in enumerate(train_set.classes)})

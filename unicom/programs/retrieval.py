@@ -143,11 +143,10 @@ def evaluate(args, device: torch.device) -> int:
     from .. import _distributed as dist
     from .._utils import unwrap_model, write_json
     from ..data import load_retrieval_dataset
-    from .._factory import load
-    from .common import check_images, runtime_record
+    from .common import check_images, load_for_embedding, runtime_record
 
     torch.manual_seed(args.seed)
-    model, transform = load(args.model_name, device=device, compile=args.compile)
+    model, transform = load_for_embedding(args.model_name, device, args.precision, compile=args.compile)
     size = unwrap_model(model).config.embedding_size
     if args.num_feat is not None and args.num_feat > size:
         raise ValueError(f"--num_feat {args.num_feat} is larger than the model's embedding ({size})")
@@ -269,6 +268,7 @@ def train(args, device: torch.device) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from .. import _distributed as dist
+    from .._utils import QUANTIZED_PRECISIONS
     from .common import setup_logging
 
     device = dist.setup(args.device)
@@ -280,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
             _compare_with_published(args)
         if args.compile:
             raise ValueError("--compile applies to --eval (embedding with a frozen model); fine-tuning runs eagerly")
+        if args.precision in QUANTIZED_PRECISIONS:  # int8: a frozen model on CPUs
+            raise ValueError(f"--precision {args.precision} applies to --eval (embedding with a frozen model on "
+                             "CPUs); fine-tuning runs in fp32, bf16 or fp16")
         return train(args, device)
     finally:
         dist.cleanup()
