@@ -7,7 +7,7 @@ import threading
 import warnings
 from collections import OrderedDict
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..transforms import to_rgb
 
@@ -32,7 +32,9 @@ def decode_upload(data: bytes) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             image.load()
-    except Exception as error:  # noqa: BLE001 - Pillow raises many types for bad bytes
+    except UnidentifiedImageError:
+        raise NotAnImage("not an image: no format Pillow reads starts like these bytes") from None
+    except Exception as error:  # noqa: BLE001 - Pillow raises many types for damaged files
         reason = str(error) or type(error).__name__
         raise NotAnImage(f"not an image Pillow can decode ({reason})") from None
     return image

@@ -31,6 +31,7 @@ def is_loopback(host: str) -> bool:
 def build_app(collection: str, options: ServeOptions, device: str | None = None, duplicates: str | None = None):
     """Open the collection, load its model (so a broken one fails now, not at the first query)
     and build the application."""
+    os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bar per batch of queries in the server's log
     from .backend import CollectionBackend
 
     backend = CollectionBackend.open(collection, device=device, duplicates=duplicates)
