@@ -8,7 +8,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .collection_images import altered, draw, write_folder
+from collection_images import altered, draw, write_folder
 
 __all__ = ["SmallCollection", "build_collection"]
 
@@ -25,7 +25,6 @@ class SmallCollection:
 
 def build_collection(root: Path, checkpoint: str) -> SmallCollection:
     from unicom.collection import Collection
-    from unicom.collection.dedup import dedup_collection
     from unicom.collection.embed import embed_collection
 
     images = root / "images"
@@ -39,7 +38,33 @@ def build_collection(root: Path, checkpoint: str) -> SmallCollection:
     collection = root / "col"
     embed_collection([str(images)], collection, checkpoint, batch_size=16, num_workers=0, device="cpu",
                      decode="exact")
-    dedup_collection(collection, threshold=0.9)
+    write_duplicates(collection)
     table = Collection.open(collection).metadata(["image_path", "id"]).to_pydict()
     ids = {Path(p).name: i for p, i in zip(table["image_path"], table["id"])}
     return SmallCollection(collection, images, queries, ids)
+
+
+def write_duplicates(path: Path, threshold: float = 0.9) -> None:
+    """dups.parquet as `unicom dedup` writes it, by brute force (interim, until dedup lands)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from unicom.collection import Collection
+
+    col = Collection.open(path)
+    ids, vectors = col.embeddings()
+    paths = col.paths_of(ids)
+    scores = vectors @ vectors.T
+    seen, rows = set(), []
+    for i in range(len(ids)):
+        group = [j for j in np.flatnonzero(scores[i] >= threshold) if j not in seen]
+        if len(group) < 2:
+            continue
+        seen.update(group)
+        keep = group[0]
+        for j in group:
+            rows.append({"cluster": len({r["cluster"] for r in rows}) if j == keep else rows[-1]["cluster"],
+                         "id": int(ids[j]), "image_path": paths[j], "score": float(scores[keep, j]),
+                         "keep": j == keep})
+    pq.write_table(pa.Table.from_pylist(rows), path / "dups.parquet")

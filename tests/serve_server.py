@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from .http_server import free_port
+from http_server import free_port
 
 __all__ = ["ServeProcess"]
 

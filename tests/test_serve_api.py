@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .serve_collection import build_collection
-from .serve_server import ROOT, ServeProcess
+from serve_collection import build_collection
+from serve_server import ROOT, ServeProcess
 
 TOKEN = "s3cret-token"
 
@@ -47,10 +47,14 @@ def exact(small):
     return Collection.open(small.path).embeddings()
 
 
-def reference(exact, vector: np.ndarray, k: int) -> list[int]:
+def assert_exact(results: list[dict], exact, vector: np.ndarray, k: int) -> None:
+    """``results`` are the ``k`` best rows by brute force in float64 (ties in either order)."""
     ids, vectors = exact
     scores = vectors.astype(np.float64) @ (vector / np.linalg.norm(vector))
-    return ids[np.argsort(-scores, kind="stable")[:k]].tolist()
+    by_id = dict(zip(ids.tolist(), scores))
+    assert len(results) == min(k, len(ids))
+    assert [r["score"] for r in results] == pytest.approx(np.sort(scores)[::-1][:k].tolist(), abs=1e-5)
+    assert [r["score"] for r in results] == pytest.approx([by_id[r["id"]] for r in results], abs=1e-5)
 
 
 def upload(client, path, **fields):
@@ -77,7 +81,7 @@ def test_an_altered_copy_finds_its_original_first(client, small, exact):
 
     expected = Collection.open(small.path).embed_images([Image.open(small.queries[5])])[0]
     body = upload(client, small.queries[5], k=5).json()
-    assert [r["id"] for r in body["results"]] == reference(exact, expected, 5)
+    assert_exact(body["results"], exact, expected, 5)
     assert body["results"][0]["id"] == small.ids["img_0005.png"] and body["took_ms"] > 0
     first = body["results"][0]
     assert first["image_path"].endswith("img_0005.png") and 0.9 < first["score"] <= 1.0 + 1e-5
@@ -89,7 +93,7 @@ def test_search_by_id_and_by_embedding(client, small, exact):
     ids, vectors = exact
     item = small.ids["img_0011.png"]
     by_id = client.post("/search", json={"id": item, "k": 7}).json()["results"]
-    assert [r["id"] for r in by_id] == reference(exact, vectors[list(ids).index(item)], 7)
+    assert_exact(by_id, exact, vectors[list(ids).index(item)], 7)
     assert by_id[0]["id"] == item and by_id[0]["score"] == pytest.approx(1.0, abs=1e-3)
     scaled = (3 * vectors[list(ids).index(item)]).tolist()  # any length: the service normalises it
     by_vector = client.post("/search", json={"embedding": scaled, "k": 7}).json()["results"]

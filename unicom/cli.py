@@ -11,6 +11,7 @@ import json
 import re
 import sys
 
+from .serve.cli import add_serve_parser, run_serve
 from .programs.common import (PRECISION_CHOICES, _decode_option, device_option, fraction, non_negative_int,
                               positive_int, resolve_precision, run_cli, setup_logging)
 
@@ -79,6 +80,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="auto (calibrated on the collection) or a cosine similarity")
     dedup.add_argument("--output", default=None, help="the Parquet file to write (default COL/dups.parquet)")
     dedup.add_argument("--device", default=None, type=device_option)
+    add_serve_parser(commands)
     return parser
 
 
@@ -162,7 +164,7 @@ def _dedup(args) -> int:
     return 0
 
 
-_COMMANDS = {"embed": _embed, "search": _search, "index": _index, "dedup": _dedup}
+_COMMANDS = {"embed": _embed, "search": _search, "index": _index, "dedup": _dedup, "serve": run_serve}
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -35,6 +35,8 @@ def _megabytes(value: str) -> float:
 
 def add_serve_parser(commands) -> argparse.ArgumentParser:
     """Register ``serve`` on the ``unicom`` command's subparsers."""
+    from ..programs.common import device_option
+
     serve = commands.add_parser(
         "serve", help="serve a search service and a web page over a collection",
         description="Serve COL read-only: a JSON search API and a page at http://HOST:PORT/ to drop an image, "
@@ -53,7 +55,7 @@ def add_serve_parser(commands) -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", dest="max_batch", type=_count, default=32,
                        help="most queries run by one model call (1: no batching)")
     serve.add_argument("--duplicates", default=None, help="the dedup output to show (default COL/dups.parquet)")
-    serve.add_argument("--device", default=None, help="where query images are embedded (default: CUDA if present)")
+    serve.add_argument("--device", default=None, type=device_option, help="where query images are embedded (default: CUDA if present)")
     return serve
 
 
