@@ -141,7 +141,8 @@ class CollectionBackend:
         identity = (stat.st_size, stat.st_mtime_ns)
         with self._lock:
             if self._duplicates is None or self._duplicates[0] != identity:
-                self._duplicates = (identity, _read_clusters(path, set(self.collection.ids().tolist())))
+                self._duplicates = (identity, _read_clusters(path, self.collection.metadata(
+                    ["id", "width", "height", "size", "error", "deleted"])))
             return self._duplicates[1]
 
 
@@ -155,16 +156,22 @@ def _index_summary(record: dict) -> dict:
             "recall": recall if isinstance(recall, (int, float)) else None, "k": k, "record": record}
 
 
-def _read_clusters(path: Path, live: set[int]) -> list[dict]:
+def _read_clusters(path: Path, metadata) -> list[dict]:
+    """The clusters of a dedup output, each item with its width, height and file size (what the kept
+    item was chosen by); items that are no longer searchable are left out."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path, columns=["cluster", "id", "image_path", "score", "keep"]).to_pylist()
+    from ..collection.store import live_mask
+
+    live = metadata.filter(live_mask(metadata)).to_pydict()
+    sizes = {i: (w, h, s) for i, w, h, s in zip(live["id"], live["width"], live["height"], live["size"])}
     clusters: dict[int, list[dict]] = {}
-    for row in table:
-        if row["id"] in live:
+    for row in pq.read_table(path, columns=["cluster", "id", "image_path", "score", "keep"]).to_pylist():
+        if row["id"] in sizes:
+            width, height, size = sizes[row["id"]]
             clusters.setdefault(int(row["cluster"]), []).append(
                 {"id": int(row["id"]), "image_path": row["image_path"], "score": float(row["score"]),
-                 "keep": bool(row["keep"])})
+                 "keep": bool(row["keep"]), "width": width, "height": height, "size": size})
     out = []
     for cluster, items in sorted(clusters.items()):
         if len(items) > 1:  # a cluster whose other items were deleted is no longer a duplicate

@@ -55,7 +55,8 @@ def add_serve_parser(commands) -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", dest="max_batch", type=_count, default=32,
                        help="most queries run by one model call (1: no batching)")
     serve.add_argument("--duplicates", default=None, help="the dedup output to show (default COL/dups.parquet)")
-    serve.add_argument("--device", default=None, type=device_option, help="where query images are embedded (default: CUDA if present)")
+    serve.add_argument("--device", default=None, type=device_option,
+                       help="where query images are embedded (default: CUDA if present)")
     return serve
 
 

@@ -36,6 +36,11 @@ function basename(path) {
   return parts[parts.length - 1];
 }
 
+function size(bytes) {
+  if (bytes >= 1 << 20) return `${(bytes / (1 << 20)).toFixed(1)} MB`;
+  return `${Math.max(1, Math.round(bytes / 1024))} KB`;
+}
+
 // One image of the collection: thumbnail, score and file name; clicking it searches from it.
 function card(item, extra = {}) {
   const img = el("img", { src: `/thumb/${item.id}`, alt: basename(item.image_path), loading: "lazy" });
@@ -43,6 +48,7 @@ function card(item, extra = {}) {
                          title: item.image_path, text: basename(item.image_path) });
   open.addEventListener("click", (event) => event.stopPropagation());
   const meta = el("div", { class: "meta" }, [el("span", { class: "score", text: extra.scoreText }), open]);
+  if (item.width > 0) meta.append(el("span", { class: "name", text: `${item.width}\u00d7${item.height} \u00b7 ${size(item.size)}` }));
   const node = el("div", { class: `card result ${extra.class || ""}`, "data-id": item.id,
                            title: `${item.image_path}\nclick to search from this image` }, [img, meta]);
   if (extra.label) node.append(el("span", { class: extra.labelClass, text: extra.label }));
@@ -61,7 +67,7 @@ function showResults(body) {
   grid.replaceChildren(...body.results.map((item, i) =>
     card(item, { scoreText: item.score.toFixed(3), label: `#${i + 1}`, labelClass: "rank" })));
   const n = body.results.length;
-  setStatus($("#status"), `${n} result${n === 1 ? "" : "s"} in ${body.took_ms.toFixed(0)} ms`);
+  setStatus($("#status"), `${n} result${n === 1 ? "" : "s"} in ${body.took_ms.toFixed(0)} ms; scores are cosine similarities`);
   if (n === 0) grid.append(el("p", { class: "empty", text: "Nothing above the minimum score." }));
 }
 
@@ -139,7 +145,7 @@ function route() {
 async function showInfo() {
   try {
     const info = await api("/info");
-    const parts = [info.model, `${info.count.toLocaleString()} images`];
+    const parts = [basename(info.model), `${info.count.toLocaleString()} images`];
     if (info.index) {
       const recall = info.index.recall != null ? `, recall@${info.index.k} ${info.index.recall.toFixed(3)}` : "";
       parts.push(`index ${info.index.kind}${recall}`);
@@ -147,6 +153,7 @@ async function showInfo() {
       parts.push("exact search");
     }
     $("#info").textContent = parts.join(" \u00b7 ");
+    $("#info").title = `${info.collection}\nmodel ${info.model}`;
     $("#k").max = info.service.max_k;
   } catch (error) {
     setStatus($("#info"), error.message, true);
