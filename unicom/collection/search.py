@@ -41,14 +41,26 @@ class RerankSearcher:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(queries, np.float32)
         _, candidates = self.index.search(queries, max(k * self.factor, k))
-        ids_all, vectors = self.collection.embeddings()
         rows = _rows_of(self.collection, candidates)
-        scores = np.where(rows >= 0, np.einsum("qd,qcd->qc", queries, vectors[rows.clip(0)]), -np.inf)
+        vectors = _stored(self.collection, rows.clip(0).reshape(-1)).reshape(*rows.shape, -1)
+        scores = np.where(rows >= 0, np.einsum("qd,qcd->qc", queries, vectors), -np.inf)
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         top_rows = np.take_along_axis(rows, order, 1)
         top_scores = np.take_along_axis(scores, order, 1)
-        ids = np.where(top_rows >= 0, ids_all[top_rows.clip(0)], -1)
+        ids = np.where(top_rows >= 0, self.collection.ids()[top_rows.clip(0)], -1)
         return np.where(top_rows >= 0, top_scores, -np.inf).astype(np.float32), ids
+
+
+def _stored(collection, rows: np.ndarray) -> np.ndarray:
+    """float32 stored embeddings of searchable rows (storage positions), read from the
+    memory-mapped parts: re-ranking never loads the whole collection."""
+    live = collection._rows()
+    out = np.zeros((len(rows), collection.embedding_size), np.float32)
+    parts = live["part"][rows]
+    for part in np.unique(parts):
+        mask = parts == part
+        out[mask] = collection.store.embeddings(int(part))[live["row"][rows[mask]]]
+    return out
 
 
 def _rows_of(collection, ids: np.ndarray) -> np.ndarray:

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from .._utils import atomic_write, write_json
 
-__all__ = ["FORMAT_VERSION", "SCHEMA", "Store", "live_mask"]
+__all__ = ["FORMAT_VERSION", "SCHEMA", "Store", "live_mask", "new_table", "write_arrays"]
 
 FORMAT_VERSION = 1
 
@@ -53,6 +53,7 @@ class Store:
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
         self.manifest_path = self.root / "manifest.json"
+        self._mapped: dict[int, np.ndarray] = {}
 
     def exists(self) -> bool:
         return self.manifest_path.is_file()
@@ -77,13 +78,19 @@ class Store:
         return self.root / "metadata" / f"metadata_{part}.parquet"
 
     def embeddings(self, part: int, mmap: bool = True) -> np.ndarray:
-        """(rows, D) float16 of ``part``, memory-mapped by default."""
-        return np.load(self.emb_path(part), mmap_mode="r" if mmap else None)
+        """(rows, D) float16 of ``part``, memory-mapped by default (and kept open: parts listed in
+        the manifest never change)."""
+        if not mmap:
+            return np.load(self.emb_path(part))
+        if part not in self._mapped:
+            self._mapped[part] = np.load(self.emb_path(part), mmap_mode="r")
+        return self._mapped[part]
 
     def metadata(self, part: int) -> pa.Table:
         return pq.read_table(self.meta_path(part), schema=SCHEMA)
 
     def write_embeddings(self, part: int, embeddings: np.ndarray) -> None:
+        self._mapped.pop(part, None)
         atomic_write(self.emb_path(part), lambda f: np.save(f, np.ascontiguousarray(embeddings, np.float16)))
 
     def write_metadata(self, part: int, table: pa.Table) -> None:
@@ -106,3 +113,27 @@ class Store:
 def new_table(rows: dict) -> pa.Table:
     """A metadata table from column lists (the schema's columns, in any order)."""
     return pa.table({name: rows[name] for name in SCHEMA.names}, schema=SCHEMA)
+
+
+def write_arrays(root: str | os.PathLike, embeddings: np.ndarray, image_paths: list[str] | None = None,
+                 part_size: int = 100_000, model: str = "arrays") -> None:
+    """A collection made from ready embeddings (normalised here), for benchmarks and tests of the
+    index and dedup without images; ``model`` is recorded with no checkpoint."""
+    store = Store(root)
+    n, dim = embeddings.shape
+    paths = image_paths or [f"vector_{i}" for i in range(n)]
+    parts = []
+    for part, start in enumerate(range(0, n, part_size)):
+        chunk = np.asarray(embeddings[start:start + part_size], np.float32)
+        chunk /= np.linalg.norm(chunk, axis=1, keepdims=True).clip(1e-12)
+        rows = len(chunk)
+        store.write_embeddings(part, chunk.astype(np.float16))
+        store.write_metadata(part, new_table({
+            "image_path": paths[start:start + rows], "id": np.arange(start, start + rows),
+            "size": [0] * rows, "mtime": [0.0] * rows, "sha256": [f"{i:064x}" for i in range(start, start + rows)],
+            "width": [1] * rows, "height": [1] * rows, "error": [None] * rows, "deleted": [False] * rows}))
+        parts.append({"part": part, "rows": rows})
+    store.write_manifest({"format_version": FORMAT_VERSION, "model": model, "checkpoint_sha256": "",
+                          "embedding_size": dim, "transform": None, "normalised": True, "dtype": "float16",
+                          "parts": parts, "next_id": n, "generation": 1,
+                          "counts": {"rows": n, "embedded": n, "errors": 0, "deleted": 0}})
