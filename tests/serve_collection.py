@@ -26,6 +26,7 @@ class SmallCollection:
 def build_collection(root: Path, checkpoint: str) -> SmallCollection:
     from unicom.collection import Collection
     from unicom.collection.embed import embed_collection
+    from unicom.collection.index import build_index
 
     images = root / "images"
     write_folder(images, SEEDS)
@@ -38,6 +39,7 @@ def build_collection(root: Path, checkpoint: str) -> SmallCollection:
     collection = root / "col"
     embed_collection([str(images)], collection, checkpoint, batch_size=16, num_workers=0, device="cpu",
                      decode="exact")
+    build_index(collection, kind="flat")
     write_duplicates(collection)
     table = Collection.open(collection).metadata(["image_path", "id"]).to_pydict()
     ids = {Path(p).name: i for p, i in zip(table["image_path"], table["id"])}

@@ -4,6 +4,7 @@ error status, checked against the collection searched exactly in this process.""
 from __future__ import annotations
 
 import io
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -68,7 +69,10 @@ def png_bytes(size=(40, 30)) -> bytes:
 def test_health_and_info(client, small):
     assert client.get("/health").json() == {"status": "ok"}
     info = client.get("/info").json()
-    assert info["count"] == len(small.ids) and info["dim"] == 32 and info["index"] is None
+    assert info["count"] == len(small.ids) and info["dim"] == 32
+    index = json.loads((small.path / "index.json").read_text())
+    assert info["index"]["in_use"] and info["index"]["kind"] == index["kind"] == "flat"
+    assert info["index"]["recall_at_k"] == index["recall_at_k"] == 1.0 and info["index"]["k"] == index["k"]
     assert info["model"].endswith("tiny.pt") and info["duplicates"] is True
     assert info["service"]["max_k"] == 50
 

@@ -98,7 +98,7 @@ def run_queries(store, queries: list[Query]) -> list[list[dict]]:
 
 def _parse_k(value: Any, options: ServeOptions) -> int:
     if value is None:
-        return options.default_k
+        return min(options.default_k, options.max_k)
     if isinstance(value, str) and re.fullmatch(r"\s*[0-9]+\s*", value):
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= options.max_k:

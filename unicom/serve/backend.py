@@ -97,14 +97,17 @@ class CollectionBackend:
         self.embed([Image.new("RGB", (64, 64))])
 
     def info(self) -> dict:
-        manifest = self.collection.manifest
-        index = None
+        """Model, counts, and the index (``index.json``: kind, factory, measured recall@k, latency;
+        ``in_use`` false when it is older than the collection and search runs exactly)."""
         record_path = self.collection.path / "index.json"
-        searcher = self.collection.searcher()
-        if getattr(searcher, "kind", "exact") != "exact" and record_path.is_file():
-            index = _index_summary(json.loads(record_path.read_text(encoding="utf-8")))
+        index = None
+        if record_path.is_file():
+            record = json.loads(record_path.read_text(encoding="utf-8"))
+            index = {name: record.get(name) for name in ("kind", "factory", "k", "recall_at_k", "recall_target",
+                                                         "latency_ms", "on_disk", "rows")}
+            index["in_use"] = getattr(self.collection.searcher(), "kind", "exact") != "exact"
         return {"collection": str(self.collection.path), "model": self.collection.model, "dim": self.dim,
-                "count": len(self.collection), "counts": manifest.get("counts"), "index": index,
+                "count": len(self.collection), "counts": self.collection.manifest.get("counts"), "index": index,
                 "duplicates": self.duplicates_path.is_file()}
 
     def preprocess(self, image: Image.Image) -> Image.Image:
@@ -144,16 +147,6 @@ class CollectionBackend:
                 self._duplicates = (identity, _read_clusters(path, self.collection.metadata(
                     ["id", "width", "height", "size", "error", "deleted"])))
             return self._duplicates[1]
-
-
-def _index_summary(record: dict) -> dict:
-    """The parts of ``index.json`` a reader of /info wants first, and the whole record."""
-    recall = record.get("recall")
-    k = record.get("k")
-    if isinstance(recall, dict) and len(recall) == 1:  # {"10": 0.97}
-        (k, recall), = recall.items()
-    return {"kind": record.get("kind") or record.get("factory"), "factory": record.get("factory"),
-            "recall": recall if isinstance(recall, (int, float)) else None, "k": k, "record": record}
 
 
 def _read_clusters(path: Path, metadata) -> list[dict]:

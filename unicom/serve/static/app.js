@@ -146,9 +146,9 @@ async function showInfo() {
   try {
     const info = await api("/info");
     const parts = [basename(info.model), `${info.count.toLocaleString()} images`];
-    if (info.index) {
-      const recall = info.index.recall != null ? `, recall@${info.index.k} ${info.index.recall.toFixed(3)}` : "";
-      parts.push(`index ${info.index.kind}${recall}`);
+    if (info.index && info.index.in_use) {
+      const recall = info.index.recall_at_k != null ? ` (recall@${info.index.k} ${info.index.recall_at_k.toFixed(3)})` : "";
+      parts.push(`${info.index.kind} index${recall}`);
     } else {
       parts.push("exact search");
     }
