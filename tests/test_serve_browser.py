@@ -1,8 +1,9 @@
 """The page of `unicom serve` in a real browser: headless Chromium driven by Selenium.
 
 Upload an altered copy of a collection image and see its original first, thumbnail loaded; click
-a result and see a new grid; open the duplicates view. Screenshots go to ``$UNICOM_SCREENSHOTS``
-(``docs`` to refresh the README's pictures) or else to the test's temporary folder.
+a result and see a new grid; open the duplicates view; go back; paste and drop an image.
+Screenshots go to ``$UNICOM_SCREENSHOTS`` (``docs`` to refresh the README's pictures) or else to
+the test's temporary folder.
 
 Without Chromium the test is skipped, except in CI (``CI`` set), where it fails: ``.ci/run``
 installs Debian's ``chromium`` and ``chromium-driver``.
@@ -113,4 +114,24 @@ def test_search_click_and_duplicates_in_chromium(browser, served, tmp_path):
 
     browser.back()  # the address follows the view: back returns to the search from the clicked item
     wait_for(browser, lambda d: d.find_element(By.ID, "search-view").is_displayed(), "the search view again")
-    assert "results in" not in browser.find_element(By.ID, "status").text or grid(browser)[0][0] == clicked
+    wait_for(browser, lambda d: grid(d) and grid(d)[0][0] == clicked, "the clicked item's grid again")
+
+    for event, item in (("paste", small.ids["img_0016.png"]), ("drop", small.ids["img_0011.png"])):
+        browser.execute_script(DISPATCH, event, item)  # an image pasted (Ctrl+V) or dropped on the page
+        wait_for(browser, lambda d: grid(d) and grid(d)[0] == [item, True], f"the {event}d image's original first")
+
+
+# A File made of an item's bytes, handed to the page as a paste on the document or a drop on the drop zone.
+DISPATCH = """
+const [event, id] = arguments;
+fetch(`/image/${id}`).then(r => r.blob()).then(blob => {
+    const data = new DataTransfer();
+    data.items.add(new File([blob], `item${id}.png`, {type: blob.type}));
+    if (event === "paste") {
+        document.dispatchEvent(new ClipboardEvent("paste", {clipboardData: data, bubbles: true}));
+    } else {
+        document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true,
+                                                                             cancelable: true}));
+    }
+});
+"""

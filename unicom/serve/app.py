@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
@@ -264,7 +265,7 @@ class Service:
         source = await run_in_threadpool(self._source, request)
         try:
             data, etag = await run_in_threadpool(self.thumbs.get, source)
-        except (OSError, ValueError) as error:  # the file changed since it was embedded
+        except (OSError, ValueError, Image.DecompressionBombError) as error:  # the file changed since it was embedded
             raise ApiError(404, f"the image of item {source.key[0]} can no longer be read ({error})") from None
         headers = {"ETag": etag, "Cache-Control": "private, max-age=3600"}
         if request.headers.get("if-none-match") == etag:
