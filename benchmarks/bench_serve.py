@@ -3,9 +3,10 @@
 A collection of synthetic photos is embedded with a model of the chosen architecture (random
 weights: the speed is the same, and nothing is downloaded), then served twice by the real command
 on 127.0.0.1: with ``--max-batch 1`` (each query its own model call, one after another: the peer)
-and with ``--max-batch N`` (queries that wait together run as one model call). ``--clients``
-concurrent clients send image uploads, then ``{"id": N}`` searches, each run bounded by
-``--requests`` and ``--seconds``. Every request must succeed (status 200 and ``k`` results), or
+and with ``--max-batch N`` (queries that wait together run as one model call): both servers run
+at once and take turns (``--rounds``), so that other jobs on the machine weigh on both alike.
+``--clients`` concurrent clients send image uploads, then ``{"id": N}`` searches, each run
+bounded by ``--requests`` and ``--seconds``. Every request must succeed (status 200 and ``k`` results), or
 the script fails.
 
 Run from the repository root:
@@ -35,11 +36,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="ViT-B/32", help="architecture (random weights)")
     parser.add_argument("--images", type=int, default=64, help="photos in the collection")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients")
-    parser.add_argument("--requests", type=int, default=96, help="requests per run (at most)")
+    parser.add_argument("--requests", type=int, default=48, help="requests per run (at most)")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each server, in turns")
     parser.add_argument("--seconds", type=float, default=90, help="seconds per run (at most)")
     parser.add_argument("--max-batch", type=int, default=32, help="--max-batch of the batched server")
     parser.add_argument("-k", type=int, default=10)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of each server (default 1: the two servers and the clients share the "
+                             "machine, and OpenMP threads that wait on each other's time slices slow everything)")
     parser.add_argument("--work-dir", default=None, help="keep the collection here (default: a temporary folder)")
     return parser
 
@@ -71,14 +76,14 @@ def build_collection(work: Path, args) -> tuple[Path, list[Path]]:
 class Server:
     """`python -m unicom serve` on 127.0.0.1 on a free port, as a subprocess."""
 
-    def __init__(self, collection: Path, max_batch: int, device: str, log: Path) -> None:
+    def __init__(self, collection: Path, max_batch: int, device: str, threads: int, log: Path) -> None:
         import socket
 
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
         self.log = open(log, "w")
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "unicom", "serve", str(collection), "--host", "127.0.0.1", "--port",
              str(self.port), "--max-batch", str(max_batch), "--device", device],
@@ -138,9 +143,7 @@ async def load(url: str, make_request, clients: int, requests: int, seconds: flo
         started = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
         elapsed = time.perf_counter() - started
-    ms = np.array(latencies) * 1000
-    return {"requests": len(latencies), "failures": failures, "rps": len(latencies) / elapsed,
-            "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99))}
+    return {"requests": len(latencies), "failures": failures, "seconds": elapsed, "latencies": np.array(latencies)}
 
 
 def service_counters(url: str) -> tuple[int, int]:
@@ -150,8 +153,9 @@ def service_counters(url: str) -> tuple[int, int]:
     return service["batches"], service["queries"]
 
 
-def measure(collection: Path, queries: list[Path], max_batch: int, args, work: Path) -> dict:
-    """Image and id searches against one server; {kind: load result}."""
+def measure(collection: Path, queries: list[Path], servers: dict[str, int], args, work: Path) -> dict:
+    """{kind: {server label: load result}}: image then id searches, the servers taking turns
+    (``--rounds`` runs each) so that a load from other jobs that comes and goes hits them alike."""
     ids = list(range(args.images))
     photos = [q.read_bytes() for q in queries]
     kinds = {
@@ -159,19 +163,39 @@ def measure(collection: Path, queries: list[Path], max_batch: int, args, work: P
                             "data": {"k": str(args.k)}},
         "id": lambda n: {"json": {"id": ids[random.Random(n).randrange(len(ids))], "k": args.k}},
     }
-    server = Server(collection, max_batch, args.device, work / f"serve-{max_batch}.log")
+    running = {label: Server(collection, max_batch, args.device, args.threads, work / f"serve-{max_batch}.log")
+               for label, max_batch in servers.items()}
     try:
-        server.wait()
+        for server in running.values():
+            server.wait()
         out = {}
         for kind, make_request in kinds.items():
-            asyncio.run(load(server.url, make_request, args.clients, 2 * args.clients, args.seconds, args.k))  # warm
-            before = service_counters(server.url)
-            out[kind] = asyncio.run(load(server.url, make_request, args.clients, args.requests, args.seconds, args.k))
-            after = service_counters(server.url)
-            out[kind]["mean_batch"] = (after[1] - before[1]) / max(1, after[0] - before[0])
+            for server in running.values():  # warm-up
+                asyncio.run(load(server.url, make_request, args.clients, 2 * args.clients, args.seconds, args.k))
+            runs = {label: [] for label in running}
+            for _ in range(args.rounds):
+                for label, server in running.items():
+                    before = service_counters(server.url)
+                    result = asyncio.run(load(server.url, make_request, args.clients, args.requests, args.seconds,
+                                              args.k))
+                    after = service_counters(server.url)
+                    result["batches"] = after[0] - before[0]
+                    runs[label].append(result)
+            out[kind] = {label: pooled(results) for label, results in runs.items()}
         return out
     finally:
-        server.stop()
+        for server in running.values():
+            server.stop()
+
+
+def pooled(results: list[dict]) -> dict:
+    """The rounds of one server together: requests over total time, percentiles over all latencies."""
+    ms = np.concatenate([r["latencies"] for r in results]) * 1000
+    requests = sum(r["requests"] for r in results)
+    return {"requests": requests, "rps": requests / sum(r["seconds"] for r in results),
+            "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
+            "mean_batch": requests / max(1, sum(r["batches"] for r in results)),
+            "failures": [f for r in results for f in r["failures"]]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,25 +204,22 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.work_dir or tmp)
         print(f"building a collection of {args.images} photos with {args.model} (random weights) ...", flush=True)
         collection, queries = build_collection(work, args)
-        runs = {}
-        for label, max_batch in (("one at a time", 1), (f"batched (max {args.max_batch})", args.max_batch)):
-            print(f"serving {label} ...", flush=True)
-            runs[label] = measure(collection, queries, max_batch, args, work)
-    print(f"\n{args.model} on {args.device}, {args.clients} clients, k={args.k}, loopback "
-          f"(up to {args.requests} requests or {args.seconds:g} s per run)")
+        servers = {"one at a time": 1, f"batched (max {args.max_batch})": args.max_batch}
+        print(f"serving it {', '.join(servers)}, in turns ...", flush=True)
+        by_kind = measure(collection, queries, servers, args, work)
+    print(f"\n{args.model} on {args.device} ({args.threads} threads per server), {args.clients} clients, k={args.k}, "
+          f"loopback, {args.rounds} rounds of up to {args.requests} requests or {args.seconds:g} s per server")
     print(f"{'query':<6} {'server':<20} {'requests':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6}")
     failed = 0
-    for kind in ("image", "id"):
-        for label, result in runs.items():
-            r = result[kind]
+    for kind, runs in by_kind.items():
+        for label, r in runs.items():
             failed += len(r["failures"])
             print(f"{kind:<6} {label:<20} {r['requests']:>8} {r['rps']:>8.1f} {r['p50']:>8.1f} {r['p99']:>8.1f} "
                   f"{r['mean_batch']:>6.1f}")
-        base, batched = (runs[label][kind] for label in runs)
+        base, batched = runs.values()
         print(f"{kind:<6} batched / one at a time: {batched['rps'] / base['rps']:.2f}x req/s, "
               f"p50 {batched['p50'] / base['p50']:.2f}x, p99 {batched['p99'] / base['p99']:.2f}x")
-    for label, result in runs.items():
-        for kind, r in result.items():
+        for label, r in runs.items():
             for failure in r["failures"][:5]:
                 print(f"FAILED ({kind}, {label}): {failure}")
     return 1 if failed else 0

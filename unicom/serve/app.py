@@ -128,7 +128,7 @@ def _parse_id(value: Any) -> int:
 
 
 class Service:
-    """The endpoints, over ``store`` (see :mod:`unicom.serve.store` for what it provides)."""
+    """The endpoints, over ``store`` (a :class:`unicom.serve.backend.CollectionBackend`)."""
 
     def __init__(self, store, options: ServeOptions) -> None:
         self.store, self.options = store, options
@@ -336,7 +336,7 @@ async def _server_error(request: Request, error: Exception) -> Response:
 
 
 def create_app(store, options: ServeOptions | None = None) -> Starlette:
-    """The ASGI application over ``store`` (a :class:`unicom.serve.store.CollectionStore`)."""
+    """The ASGI application over ``store`` (a :class:`unicom.serve.backend.CollectionBackend`)."""
     options = options or ServeOptions()
     service = Service(store, options)
 
