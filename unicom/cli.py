@@ -169,7 +169,10 @@ _COMMANDS = {"embed": _embed, "search": _search, "index": _index, "dedup": _dedu
 
 def run(argv: list[str] | None = None) -> int:
     """Run ``unicom COMMAND ...`` and return the exit status; errors raise (for callers and tests)."""
+    import logging
+
     args = get_args_parser().parse_args(argv)
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it loaded, at INFO
     return _COMMANDS[args.command](args)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -152,7 +153,9 @@ def _embed_part(model, transform, items: list[Item], options: dict, desc: str) -
                 dataset.load_image(int(i))
                 errors[i] = "could not be decoded"
             except BadImageError as error:
-                errors[i] = error.reason or str(error)
+                # PIL names the file object it was given ("<_io.BufferedReader name=12>"): the
+                # descriptor number differs from run to run, and the path is in the row already.
+                errors[i] = re.sub(r"<_io\.\w+ name=[^>]*>", "the file", error.reason or str(error))
     return features.numpy().astype(np.float16), ok, errors
 
 

@@ -50,9 +50,10 @@ def _nlist(n: int) -> int:
 
 
 def _pq_m(n: int, d: int, memory: int) -> int:
-    """Bytes per code: the largest divisor of ``d`` among 64..4 whose codes (plus ids) fit ``memory``."""
+    """Bytes per code: the largest divisor of ``d`` among 64..4, at most ``d / 4`` (sub-vectors of
+    4 dimensions or more train quickly and quantise well), whose codes (plus ids) fit ``memory``."""
     for m in (64, 48, 32, 24, 16, 8, 4):
-        if d % m == 0 and n * (m + 8) <= memory:
+        if d % m == 0 and 4 * m <= d and n * (m + 8) <= memory:
             return m
     return 4 if d % 4 == 0 else 1
 

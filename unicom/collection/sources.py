@@ -121,16 +121,18 @@ def _add_one(listing: Listing, source: str, from_list: bool = False) -> None:
 def list_sources(sources: Sequence[str | os.PathLike]) -> Listing:
     """The items of ``sources`` in order (a path seen twice is kept once), and what was left out."""
     listing = Listing()
+    expanded: dict[str, None] = {}  # in order, each once: two patterns may match one file
     for source in sources:
         for pattern in expand_braces(os.fspath(source)):
             if glob.has_magic(pattern):
                 matches = sorted(glob.glob(pattern))
                 if not matches:
                     raise FileNotFoundError(f"no file matches {pattern!r}")
-                for match in matches:
-                    _add_one(listing, match)
+                expanded.update(dict.fromkeys(matches))
             else:
-                _add_one(listing, pattern)
+                expanded[pattern] = None
+    for path in expanded:
+        _add_one(listing, path)
     unique: dict[str, Item] = {}
     for item in listing.items:
         unique.setdefault(item.path, item)
