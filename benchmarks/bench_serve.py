@@ -6,8 +6,8 @@ on 127.0.0.1: with ``--max-batch 1`` (each query its own model call, one after a
 and with ``--max-batch N`` (queries that wait together run as one model call): both servers run
 at once and take turns (``--rounds``), so that other jobs on the machine weigh on both alike.
 ``--clients`` concurrent clients send image uploads, then ``{"id": N}`` searches, each run
-bounded by ``--requests`` and ``--seconds``. Every request must succeed (status 200 and ``k`` results), or
-the script fails.
+bounded by ``--requests`` (``--id-requests``) and ``--seconds``. Every request must succeed
+(status 200 and ``k`` results), or the script fails.
 
 Run from the repository root:
     python -m benchmarks.bench_serve                            # ViT-B/32, 8 clients
@@ -36,7 +36,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="ViT-B/32", help="architecture (random weights)")
     parser.add_argument("--images", type=int, default=64, help="photos in the collection")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients")
-    parser.add_argument("--requests", type=int, default=48, help="requests per run (at most)")
+    parser.add_argument("--requests", type=int, default=48, help="image requests per run (at most)")
+    parser.add_argument("--id-requests", type=int, default=512, help="id requests per run (at most)")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each server, in turns")
     parser.add_argument("--seconds", type=float, default=90, help="seconds per run (at most)")
     parser.add_argument("--max-batch", type=int, default=32, help="--max-batch of the batched server")
@@ -176,8 +177,8 @@ def measure(collection: Path, queries: list[Path], servers: dict[str, int], args
             for _ in range(args.rounds):
                 for label, server in running.items():
                     before = service_counters(server.url)
-                    result = asyncio.run(load(server.url, make_request, args.clients, args.requests, args.seconds,
-                                              args.k))
+                    count = args.requests if kind == "image" else args.id_requests
+                    result = asyncio.run(load(server.url, make_request, args.clients, count, args.seconds, args.k))
                     after = service_counters(server.url)
                     result["batches"] = after[0] - before[0]
                     runs[label].append(result)
@@ -208,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"serving it {', '.join(servers)}, in turns ...", flush=True)
         by_kind = measure(collection, queries, servers, args, work)
     print(f"\n{args.model} on {args.device} ({args.threads} threads per server), {args.clients} clients, k={args.k}, "
-          f"loopback, {args.rounds} rounds of up to {args.requests} requests or {args.seconds:g} s per server")
+          f"loopback, {args.rounds} rounds per server of up to {args.requests} image or {args.id_requests} id "
+          f"requests, or {args.seconds:g} s")
     print(f"{'query':<6} {'server':<20} {'requests':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6}")
     failed = 0
     for kind, runs in by_kind.items():

@@ -25,6 +25,7 @@ class SmallCollection:
 
 def build_collection(root: Path, checkpoint: str) -> SmallCollection:
     from unicom.collection import Collection
+    from unicom.collection.dedup import dedup_collection
     from unicom.collection.embed import embed_collection
     from unicom.collection.index import build_index
 
@@ -40,33 +41,8 @@ def build_collection(root: Path, checkpoint: str) -> SmallCollection:
     embed_collection([str(images)], collection, checkpoint, batch_size=16, num_workers=0, device="cpu",
                      decode="exact")
     build_index(collection, kind="flat")
-    write_duplicates(collection)
+    dedup_collection(collection, threshold=0.9)
     table = Collection.open(collection).metadata(["image_path", "id"]).to_pydict()
     ids = {Path(p).name: i for p, i in zip(table["image_path"], table["id"])}
     return SmallCollection(collection, images, queries, ids)
 
-
-def write_duplicates(path: Path, threshold: float = 0.9) -> None:
-    """dups.parquet as `unicom dedup` writes it, by brute force (interim, until dedup lands)."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from unicom.collection import Collection
-
-    col = Collection.open(path)
-    ids, vectors = col.embeddings()
-    paths = col.paths_of(ids)
-    scores = vectors @ vectors.T
-    seen, rows = set(), []
-    for i in range(len(ids)):
-        group = [j for j in np.flatnonzero(scores[i] >= threshold) if j not in seen]
-        if len(group) < 2:
-            continue
-        seen.update(group)
-        keep = group[0]
-        for j in group:
-            rows.append({"cluster": len({r["cluster"] for r in rows}) if j == keep else rows[-1]["cluster"],
-                         "id": int(ids[j]), "image_path": paths[j], "score": float(scores[keep, j]),
-                         "keep": j == keep})
-    pq.write_table(pa.Table.from_pylist(rows), path / "dups.parquet")

@@ -68,7 +68,10 @@ class ServeOptions:
     default_k: int = 20
     batching: bool = True  # False: image queries run one at a time (the benchmark's peer)
     max_batch: int = 32
-    max_wait: float = 0.002  # seconds a batch waits for more queries once the first has come
+    # Seconds a batch waits for more queries once the first has come. 0: it takes the queries that
+    # arrived while the previous batch ran, which is what batches grow from under load; a wait
+    # idles the worker, which costs most when each call is short (id searches).
+    max_wait: float = 0.0
     thumb_size: int = 256
 
 

@@ -1,7 +1,7 @@
 """A short queue that runs concurrent queries as one batch.
 
 Requests put their job on the queue and wait; one worker thread takes every job that is
-waiting (up to ``max_batch``, after at most ``max_wait`` seconds for more) and runs them with
+waiting (up to ``max_batch``; optionally after ``max_wait`` seconds for more) and runs them with
 one call, so a model embeds eight images in one forward pass instead of eight passes one after
 another. Under light load a job runs alone at once; under heavy load batches grow by themselves
 while the previous one runs, which is what makes throughput grow with load.
@@ -37,7 +37,7 @@ class Batcher:
     """
 
     def __init__(self, run_batch: Callable[[Sequence[Any]], Sequence[Any]], *, max_batch: int = 32,
-                 max_wait: float = 0.002, max_pending: int = 1024) -> None:
+                 max_wait: float = 0.0, max_pending: int = 1024) -> None:
         if max_batch < 1 or max_pending < 1 or max_wait < 0:
             raise ValueError(f"expected max_batch >= 1, max_pending >= 1, max_wait >= 0; got {max_batch}, "
                              f"{max_pending}, {max_wait}")
