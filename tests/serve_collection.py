@@ -1,10 +1,12 @@
-"""A small real collection for the `unicom serve` tests: drawn pictures, an exact copy and an
-altered copy of two of them (duplicates for `unicom dedup`), embedded with the tiny checkpoint,
-and altered copies kept outside the collection to query with."""
+"""A small real collection for the `unicom serve` tests: drawn pictures in a folder and in a
+webdataset tar, an exact copy and an altered copy of two of them (duplicates for `unicom dedup`),
+embedded with the tiny checkpoint, and altered copies kept outside the collection to query with."""
 
 from __future__ import annotations
 
+import io
 import shutil
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +39,16 @@ def build_collection(root: Path, checkpoint: str) -> SmallCollection:
     for seed, how in ((5, "jpeg"), (11, "brightness"), (16, "crop")):
         queries[seed] = root / f"query_{seed}_{how}.jpg"
         altered(draw(seed), how).save(queries[seed], quality=90)
+    shard = root / "shard.tar"  # a webdataset shard: its members are served from inside the tar
+    with tarfile.open(shard, "w") as tar:
+        for seed in (30, 31):
+            data = io.BytesIO()
+            draw(seed).save(data, "PNG")
+            member = tarfile.TarInfo(f"tar_{seed:04d}.png")
+            member.size = len(data.getvalue())
+            tar.addfile(member, io.BytesIO(data.getvalue()))
     collection = root / "col"
-    embed_collection([str(images)], collection, checkpoint, batch_size=16, num_workers=0, device="cpu",
+    embed_collection([str(images), str(shard)], collection, checkpoint, batch_size=16, num_workers=0, device="cpu",
                      decode="exact")
     build_index(collection, kind="flat")
     dedup_collection(collection, threshold=0.9)

@@ -132,6 +132,18 @@ def test_image_and_thumbnail_are_served_by_id(client, small):
     assert again.status_code == 304  # cached: the browser keeps its copy
 
 
+def test_a_tar_member_is_served_from_its_shard(client, small):
+    import tarfile
+
+    with tarfile.open(small.path.parent / "shard.tar") as tar:
+        expected = tar.extractfile("tar_0031.png").read()
+    item = small.ids["tar_0031.png"]
+    image = client.get(f"/image/{item}")
+    assert image.status_code == 200 and image.content == expected and image.headers["content-type"] == "image/png"
+    thumb = client.get(f"/thumb/{item}")
+    assert thumb.status_code == 200 and thumb.content[:2] == b"\xff\xd8"
+
+
 def test_duplicates_come_from_the_dedup_output(client, small):
     import pyarrow.parquet as pq
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 __all__ = ["CollectionBackend", "ImageSource"]
 
-_TAR = ".tar" + os.sep
+_TAR = ".tar/"  # how unicom.collection.sources names a member: /abs/shard.tar/member.jpg
 
 
 @dataclass(frozen=True)
