@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 EXACT_MAX = 20_000  # collections searched with an exact flat index
 TRAIN_PER_LIST = 32
-NPROBE = 16
+NPROBE = 8
 
 
 @dataclass
