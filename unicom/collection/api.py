@@ -174,7 +174,8 @@ class Collection:
         for row_scores, row_ids in zip(scores, ids):
             keep = row_ids >= 0
             paths = self.paths_of(row_ids[keep])
-            results.append([{"id": int(i), "image_path": p, "score": float(s)}
+            # float16 storage can put a vector's similarity to itself a hair above 1
+            results.append([{"id": int(i), "image_path": p, "score": min(float(s), 1.0)}
                             for i, p, s in zip(row_ids[keep], paths, row_scores[keep]) if p is not None])
         return results
 

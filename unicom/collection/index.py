@@ -177,29 +177,32 @@ def _sample(collection, count: int, seed: int, exclude: np.ndarray | None = None
             np.concatenate(got) if got else np.zeros((0, dim), np.float32))
 
 
-def exact_neighbours(collection, queries: np.ndarray, k: int) -> np.ndarray:
-    """(Q, k) ids of the exact top-k of ``queries``, streamed part by part."""
+def exact_neighbours(collection, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids), each (Q, k), of the exact top-k of ``queries``, streamed part by part."""
     best_scores = np.full((len(queries), 0), -np.inf, np.float32)
     best_ids = np.zeros((len(queries), 0), np.int64)
     for part in collection.parts:
         ids, vectors = _part_vectors(collection, part)
         if not len(ids):
             continue
-        scores = queries @ vectors.T
-        scores = np.concatenate([best_scores, scores], 1)
+        scores = np.concatenate([best_scores, queries @ vectors.T], 1)
         all_ids = np.concatenate([best_ids, np.broadcast_to(ids, (len(queries), len(ids)))], 1)
         top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         best_scores, best_ids = np.take_along_axis(scores, top, 1), np.take_along_axis(all_ids, top, 1)
-    return best_ids
+    return best_scores, best_ids
 
 
-def _recall(found: np.ndarray, truth: np.ndarray, query_ids: np.ndarray, k: int) -> float:
-    """Mean fraction of each query's exact top-k (itself left out) that ``found`` holds."""
+def _recall(found: tuple[np.ndarray, np.ndarray], truth: tuple[np.ndarray, np.ndarray], query_ids: np.ndarray,
+            k: int) -> float:
+    """Mean fraction of each query's exact top-k (itself left out) that ``found`` holds; a result
+    tied with the k-th exact score counts as a hit (identical images tie exactly)."""
     hits = []
-    for f, t, q in zip(found, truth, query_ids):
-        t = [i for i in t if i != q][:k]
-        f = [i for i in f if i != q][:k]
-        hits.append(len(set(f) & set(t)) / max(len(t), 1))
+    for f_scores, f_ids, t_scores, t_ids, q in zip(*found, *truth, query_ids):
+        t = [(s, i) for s, i in zip(t_scores, t_ids) if i != q][:k]
+        f = [(s, i) for s, i in zip(f_scores, f_ids) if i != q][:k]
+        kth = t[-1][0] - 1e-5 if t else np.inf
+        truth_ids = {i for _, i in t}
+        hits.append(sum(1 for s, i in f if i in truth_ids or s >= kth) / max(len(t), 1))
     return float(np.mean(hits)) if hits else 1.0
 
 
@@ -215,7 +218,7 @@ def _tune(collection, index, factory: str, recall: float, k: int, seed: int) -> 
     measured = None
     for value in _candidates(name, index):
         _apply(index, name, value)
-        measured = _recall(searcher.search(queries, k + 1)[1], truth, query_ids, k)
+        measured = _recall(searcher.search(queries, k + 1), truth, query_ids, k)
         if measured >= recall:
             break
     if measured < recall:
