@@ -70,6 +70,7 @@ class Collection:
                           for name in ("id", "image_path", "part", "row")}
             order = np.argsort(self._live["id"], kind="stable")
             self._live["by_id"] = order
+            self._live["sorted_ids"] = self._live["id"][order]
         return self._live
 
     def ids(self) -> np.ndarray:
@@ -85,7 +86,7 @@ class Collection:
     def paths_of(self, ids: np.ndarray) -> list[str | None]:
         """The image paths of searchable ``ids`` (None for ids that are not searchable)."""
         rows = self._rows()
-        sorted_ids = rows["id"][rows["by_id"]]
+        sorted_ids = rows["sorted_ids"]
         pos = np.searchsorted(sorted_ids, ids).clip(0, max(len(sorted_ids) - 1, 0))
         found = (sorted_ids[pos] == ids) if len(sorted_ids) else np.zeros(len(ids), bool)
         return [rows["image_path"][rows["by_id"][p]] if f else None for p, f in zip(pos, found)]
@@ -106,7 +107,7 @@ class Collection:
     def vectors_of(self, ids: Sequence[int]) -> np.ndarray:
         """(len(ids), D) float32 stored embeddings of searchable ``ids`` (KeyError for others)."""
         rows = self._rows()
-        sorted_ids = rows["id"][rows["by_id"]]
+        sorted_ids = rows["sorted_ids"]
         ids = np.asarray(ids, dtype=np.int64)
         pos = np.searchsorted(sorted_ids, ids).clip(0, max(len(sorted_ids) - 1, 0))
         if len(ids) and (not len(sorted_ids) or not np.all(sorted_ids[pos] == ids)):
@@ -173,7 +174,8 @@ class Collection:
         for row_scores, row_ids in zip(scores, ids):
             keep = row_ids >= 0
             paths = self.paths_of(row_ids[keep])
-            results.append([{"id": int(i), "image_path": p, "score": float(s)}
+            # float16 storage can put a vector's similarity to itself a hair above 1
+            results.append([{"id": int(i), "image_path": p, "score": min(float(s), 1.0)}
                             for i, p, s in zip(row_ids[keep], paths, row_scores[keep]) if p is not None])
         return results
 

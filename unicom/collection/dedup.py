@@ -27,8 +27,8 @@ __all__ = ["DedupReport", "dedup_collection", "near_duplicate_pairs"]
 logger = logging.getLogger(__name__)
 
 EXACT_MAX = 20_000  # collections searched with an exact flat index
-TRAIN_PER_LIST = 32
-NPROBE = 16
+TRAIN_PER_LIST = 40  # faiss asks for 39 rows per centroid
+NPROBE = 4
 
 
 @dataclass
@@ -58,14 +58,18 @@ class DedupReport:
         return out
 
 
+def _lists(n: int) -> int:
+    """A power of two near 4 sqrt(n): near duplicates share a cell (or a neighbouring one), so
+    many small cells and a few probes keep the range search short."""
+    return int(min(2 ** round(np.log2(4 * np.sqrt(n))), max(n // TRAIN_PER_LIST, 1)))
+
+
 def _range_index(dim: int, n: int, sample: np.ndarray, nprobe: int):
     import faiss
 
-    from .index import _nlist
-
     if n <= EXACT_MAX:
         return faiss.IndexFlatIP(dim)
-    nlist = _nlist(n)
+    nlist = _lists(n)
     quantizer = faiss.IndexFlatIP(dim)
     index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
     index.cp.niter = 10  # cells only route the search: coarse k-means is enough
@@ -80,11 +84,9 @@ def near_duplicate_pairs(chunks, n: int, dim: int, threshold: float, nprobe: int
     similarity >= ``threshold`` among ``n`` vectors of size ``dim``. ``chunks()`` returns a fresh
     iterator over float32 L2-normalised (rows, D) arrays; it is called three times (training
     sample, add, search), so the vectors stream from disk and are never all copied at once."""
-    from .index import _nlist
-
     if n < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    take = min(n, _nlist(n) * TRAIN_PER_LIST) if n > EXACT_MAX else 0
+    take = min(n, _lists(n) * TRAIN_PER_LIST) if n > EXACT_MAX else 0
     positions = np.sort(np.random.default_rng(0).choice(n, take, replace=False))
     index = _range_index(dim, n, _gather(chunks(), positions) if take else None, nprobe)
     for chunk in chunks():

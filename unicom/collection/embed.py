@@ -155,7 +155,7 @@ def _embed_part(model, transform, items: list[Item], options: dict, desc: str) -
             except BadImageError as error:
                 # PIL names the file object it was given ("<_io.BufferedReader name=12>"): the
                 # descriptor number differs from run to run, and the path is in the row already.
-                errors[i] = re.sub(r"<_io\.\w+ name=[^>]*>", "the file", error.reason or str(error))
+                errors[i] = re.sub(r" ?<_io\.\w+ name=[^>]*>", "", error.reason or str(error))
     return features.numpy().astype(np.float16), ok, errors
 
 

@@ -66,7 +66,7 @@ def _stored(collection, rows: np.ndarray) -> np.ndarray:
 def _rows_of(collection, ids: np.ndarray) -> np.ndarray:
     """Storage positions of searchable ``ids`` (any shape); -1 for ids that are not searchable."""
     rows = collection._rows()
-    sorted_ids = rows["id"][rows["by_id"]]
+    sorted_ids = rows["sorted_ids"]
     if not len(sorted_ids):
         return np.full(ids.shape, -1)
     pos = np.searchsorted(sorted_ids, ids).clip(0, len(sorted_ids) - 1)
