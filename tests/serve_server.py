@@ -18,9 +18,10 @@ import httpx
 
 from http_server import free_port
 
-__all__ = ["ServeProcess"]
+__all__ = ["TOKEN", "ServeProcess"]
 
 ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "s3cret-token"  # what the shared test server requires
 
 
 class ServeProcess:

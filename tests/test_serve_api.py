@@ -12,23 +12,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve_collection import build_collection
-from serve_server import ServeProcess
+from serve_server import TOKEN
 
-TOKEN = "s3cret-token"
+@pytest.fixture(scope="module")
+def small(served_collection):
+    return served_collection[0]
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory, checkpoint):
-    return build_collection(tmp_path_factory.mktemp("serve"), checkpoint)
-
-
-@pytest.fixture(scope="module")
-def server(small, tmp_path_factory):
-    """One server for the module, as it would be deployed: a token, two worker processes."""
-    with ServeProcess(small.path, "--token", TOKEN, "--workers", "2", "--max-upload-mb", "1", "--max-k", "50",
-                      log=tmp_path_factory.mktemp("log") / "serve.log") as running:
-        yield running
+def server(served_collection):
+    """One server for the API and browser tests, as it would be deployed: a token, two workers,
+    uploads up to 1 MB, k up to 50 (see conftest.py)."""
+    return served_collection[1]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +43,7 @@ def exact(small):
 def assert_exact(results: list[dict], exact, vector: np.ndarray, k: int) -> None:
     """``results`` are the ``k`` best rows by brute force in float64 (ties in either order)."""
     ids, vectors = exact
-    scores = vectors.astype(np.float64) @ (vector / np.linalg.norm(vector))
+    scores = np.minimum(vectors.astype(np.float64) @ (vector / np.linalg.norm(vector)), 1.0)  # as search caps them
     by_id = dict(zip(ids.tolist(), scores))
     assert len(results) == min(k, len(ids))
     assert [r["score"] for r in results] == pytest.approx(np.sort(scores)[::-1][:k].tolist(), abs=1e-5)

@@ -15,8 +15,7 @@ import os
 from pathlib import Path
 
 import pytest
-from serve_collection import build_collection
-from serve_server import ROOT, ServeProcess
+from serve_server import ROOT, TOKEN
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
@@ -40,13 +39,6 @@ def browser():
     driver.set_page_load_timeout(60)
     yield driver
     driver.quit()
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, checkpoint):
-    small = build_collection(tmp_path_factory.mktemp("browser"), checkpoint)
-    with ServeProcess(small.path, log=tmp_path_factory.mktemp("log") / "serve.log") as server:
-        yield small, server
 
 
 def screenshots(tmp_path: Path) -> Path:
@@ -78,12 +70,13 @@ def thumbnails_loaded(driver, selector: str) -> bool:
         "return imgs.length > 0 && imgs.every(img => img.complete && img.naturalWidth > 0);")
 
 
-def test_search_click_and_duplicates_in_chromium(browser, served, tmp_path):
+def test_search_click_and_duplicates_in_chromium(browser, served_collection, tmp_path):
     from selenium.webdriver.common.by import By
 
-    small, server = served
+    small, server = served_collection
     original = small.ids["img_0005.png"]
-    browser.get(server.url("/"))
+    browser.get(server.url(f"/?token={TOKEN}"))  # the server wants a token: once, then a cookie
+    assert browser.current_url == server.url("/")
     wait_for(browser, lambda d: "images" in d.find_element(By.ID, "info").text, "the collection's info")
     assert f"{len(small.ids)} images" in browser.find_element(By.ID, "info").text
 
