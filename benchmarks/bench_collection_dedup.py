@@ -52,7 +52,7 @@ def main(argv=None) -> None:
     x, planted = clustered(args.rows)
     with tempfile.TemporaryDirectory() as folder:
         write_arrays(folder, x)
-        x16 = x.astype(np.float16).astype(np.float32)  # what the collection stores
+        x16 = None if args.no_exact else x.astype(np.float16).astype(np.float32)  # what the collection stores
         del x
         if args.no_exact:  # a child process: its peak memory is the dedup's own
             env = {**os.environ, "PYTHONPATH": str(ROOT)}
