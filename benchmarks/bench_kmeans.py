@@ -4,7 +4,7 @@ Four measurements:
 
 1. k-means at N = 200k, d = 256, K = 2,000 (times ``--scale`` for N and K): faiss' own
    ``faiss.Kmeans(spherical=True)`` trained on all points then an ``IndexFlatIP`` search,
-   against ``unicom.pretrain.kmeans.spherical_kmeans`` with the faiss and the torch backends
+   against ``unicom._pretrain.kmeans.spherical_kmeans`` with the faiss and the torch backends
    (same niter, same max_points_per_centroid). Time and objective (mean cosine similarity of
    every point to its centroid, computed the same way for all), empty clusters, imbalance.
    Points: a mixture of 4K random directions with noise, L2-normalised.
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unicom.pretrain.kmeans import assign, cluster_stats, faiss_available, spherical_kmeans
+from unicom._pretrain.kmeans import assign, cluster_stats, faiss_available, spherical_kmeans
 
 TARGET_N, TARGET_D, TARGET_K = 400_000_000, 768, 1_000_000
 
@@ -174,7 +174,7 @@ def synthetic_shards(folder: Path, images: int, per_shard: int = 32) -> str:
 
 
 def bench_extract(args, device: torch.device) -> None:
-    from unicom.pretrain.features import ClipSource, PixelSource, extract_features
+    from unicom._pretrain.features import ClipSource, PixelSource, extract_features
 
     print(f"\n== feature extraction: {args.extract_images} JPEG images 256x192 with captions ==")
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,7 +10,7 @@
 (ii) End to end: ``--num-images`` synthetic photographs (crops of scikit-learn's sample
     images with noise, ``--image-size``, JPEG quality 90) in a temporary folder, embedded by
     the published pipeline (float transform in DataLoader workers, no pinned memory, the
-    published graph) and by ours with every ``--decode`` option (``unicom.data.pipelines``), the
+    published graph) and by ours with every ``--decode`` option (``unicom.data._pipelines``), the
     model compiled when ``--compile``. Images/s with and without the model, ratios against
     the published pipeline (``--published-workers``, 8 as published; also with ``--workers``),
     and each option's deviation from the exact path: mean absolute pixel difference (0-255)
@@ -49,7 +49,7 @@ from PIL import Image
 import unicom
 from unicom import evaluate as embed_module
 from unicom.data import ImageDataset, sharded_loader
-from unicom.data.pipelines import DECODE_CHOICES, make_pipeline, normalize_on_device, pipeline_loader
+from unicom.data._pipelines import DECODE_CHOICES, make_pipeline, normalize_on_device, pipeline_loader
 from unicom.evaluate import embed_loader
 from unicom.transforms import eval_transform
 
@@ -87,7 +87,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="images per worker batch in our pipelines (default: --batch or 64, whichever is smaller); "
                         "the model still runs on --batch images. The published pipeline loads --batch at once")
     p.add_argument("--slots", choices=("on", "off", "both"), default="on",
-                   help="our pipelines' shared-memory slot ring (unicom.data.pipelines.slots): on (default), off, "
+                   help="our pipelines' shared-memory slot ring (unicom.data._pipelines.slots): on (default), off, "
                         "or both (each decode option twice)")
     p.add_argument("--num-images", type=int, default=None, help="default 12000, 48 with --quick")
     p.add_argument("--image-size", default="500x375", help="WIDTHxHEIGHT of the synthetic JPEGs")

@@ -362,8 +362,8 @@ def fuzz_folders(work: Path) -> list[dict]:
 def fuzz_downloads(work: Path) -> list[dict]:
     from http_server import FileServer, free_port
 
-    from unicom import hub
-    from unicom.hub import DownloadError
+    from unicom import _hub as hub
+    from unicom._hub import DownloadError
 
     hub._RETRY_BACKOFF_S = 0.05
     data = random.Random(1).randbytes(300_000)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_throughput import write_photos  # noqa: E402
 
 from unicom.data import ImageDataset, sharded_loader  # noqa: E402
-from unicom.data.pipelines import DECODE_CHOICES, jpeg, make_pipeline, pipeline_loader, slots  # noqa: E402
+from unicom.data._pipelines import DECODE_CHOICES, jpeg, make_pipeline, pipeline_loader, slots  # noqa: E402
 from unicom.transforms import eval_transform  # noqa: E402
 
 

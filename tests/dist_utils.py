@@ -65,7 +65,7 @@ def _worker(
     fn: Callable[..., Any],
     args: tuple,
 ) -> None:
-    # The torchrun variables, so code that calls unicom.distributed.setup() finds its group.
+    # The torchrun variables, so code that calls unicom._distributed.setup() finds its group.
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),

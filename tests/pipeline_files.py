@@ -11,7 +11,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 from unicom.data import ImageDataset
-from unicom.data.pipelines import Crops, eval_transform_uint8, make_pipeline, pipeline_for_transform, pipeline_loader
+from unicom.data._pipelines import Crops, eval_transform_uint8, make_pipeline, pipeline_for_transform, pipeline_loader
 from unicom.transforms import STD, eval_transform
 from unicom.transforms import test_transform as finetune_test_transform
 

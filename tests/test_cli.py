@@ -98,8 +98,8 @@ def test_pretraining_and_visualize_flags_are_checked(program, argv, capsys):
 
 
 def test_library_checks_behind_those_flags():
-    from unicom.pretrain.features import PixelSource, extract_features
-    from unicom.pretrain.kmeans import spherical_kmeans
+    from unicom._pretrain.features import PixelSource, extract_features
+    from unicom._pretrain.kmeans import spherical_kmeans
 
     x = torch.nn.functional.normalize(torch.randn(20, 4), dim=1)
     for options in (dict(niter=0), dict(chunk_size=-1), dict(max_points_per_centroid=0)):

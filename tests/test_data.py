@@ -256,7 +256,7 @@ def test_cars_annotations_without_the_variable_are_a_clear_error(tmp_path):
 
 
 def test_shard_range_checks_the_rank():
-    from unicom.distributed import shard_range
+    from unicom._distributed import shard_range
 
     assert [len(shard_range(23, r, 2)) for r in (0, 1)] == [12, 11]
     for rank, world in ((-1, 2), (2, 2), (0, 0)):

@@ -9,7 +9,7 @@ import torch
 from dist_utils import run_in_processes
 
 from unicom.losses import CombinedMarginLoss, PartialFC
-from unicom.training import _allreduce_sum_hook
+from unicom._training import _allreduce_sum_hook
 
 DIM, CLASSES, BATCH = 8, 7, 12
 
@@ -23,7 +23,7 @@ def _setup():
 
 
 def _grads(rank: int, world: int, hook: bool):
-    from unicom.distributed import shard_range
+    from unicom._distributed import shard_range
 
     backbone, x, y = _setup()
     torch.manual_seed(1)

@@ -1,4 +1,4 @@
-"""unicom.distributed: the collectives against plain concatenation and sums, in real gloo
+"""unicom._distributed: the collectives against plain concatenation and sums, in real gloo
 processes, and where each backend needs a tensor on the wire."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 from dist_utils import run_in_processes
 
-from unicom import distributed as dist
+from unicom import _distributed as dist
 
 
 def test_single_process_collectives_return_their_input() -> None:

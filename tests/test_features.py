@@ -19,7 +19,7 @@ from dist_utils import run_in_processes
 from PIL import Image
 from synthetic_datasets import write_tar
 
-from unicom.pretrain.features import (
+from unicom._pretrain.features import (
     ClipSource,
     PixelSource,
     UnicomSource,
@@ -28,7 +28,7 @@ from unicom.pretrain.features import (
     load_features,
     read_manifest,
 )
-from unicom.pretrain.webdataset import expand_braces, iter_tar_samples, list_shards
+from unicom._pretrain.webdataset import expand_braces, iter_tar_samples, list_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,7 +23,7 @@ from dist_utils import run_in_processes  # noqa: E402
 import unicom  # noqa: E402
 from unicom.data import load_retrieval_dataset  # noqa: E402
 from unicom.losses import CombinedMarginLoss, PartialFC  # noqa: E402
-from unicom import training  # noqa: E402
+from unicom import _training as training  # noqa: E402
 from unicom.programs import retrieval  # noqa: E402
 from unicom.programs.retrieval import main  # noqa: E402
 from unicom.transforms import eval_transform  # noqa: E402

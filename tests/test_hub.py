@@ -1,4 +1,4 @@
-"""Tests of unicom.hub against a real HTTP server on 127.0.0.1 (no mocks of the network)."""
+"""Tests of unicom._hub against a real HTTP server on 127.0.0.1 (no mocks of the network)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from unicom import hub
-from unicom.hub import ChecksumError, DownloadError, cache_dir, download, resolve_url
+from unicom import _hub as hub
+from unicom._hub import ChecksumError, DownloadError, cache_dir, download, resolve_url
 
 try:  # tests/ as a package or as a plain folder on sys.path (pytest's default)
     from .http_server import FileServer, download_worker, free_port
@@ -87,7 +87,7 @@ def test_corrupt_cache_is_fetched_again(server: FileServer, root: Path, caplog) 
     url = server.add(PATH, DATA)
     root.mkdir()
     (root / "weights.bin").write_bytes(DATA[:-1] + b"\x00")
-    with caplog.at_level(logging.WARNING, logger="unicom.hub"):
+    with caplog.at_level(logging.WARNING, logger="unicom._hub"):
         path = download(url, SHA, progress=False)
     assert _sha(path) == SHA
     assert len(server.requests) == 1

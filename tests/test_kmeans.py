@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from dist_utils import run_in_processes
 from PIL import Image
 
-from unicom.pretrain import kmeans
-from unicom.pretrain.kmeans import (
+from unicom._pretrain import kmeans
+from unicom._pretrain.kmeans import (
     allocate_subclusters,
     assign,
     cluster_stats,
@@ -213,7 +213,7 @@ def test_distributed_equals_one_process() -> None:
 
 
 def test_cluster_program(tmp_path: Path) -> None:
-    from unicom.pretrain.features import PixelSource, extract_features, load_features
+    from unicom._pretrain.features import PixelSource, extract_features, load_features
     from unicom.programs.cluster import main
 
     root = tmp_path / "images"

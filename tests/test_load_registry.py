@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import unicom
-from unicom.hub import ChecksumError, DownloadError
+from unicom._hub import ChecksumError, DownloadError
 from unicom.model import ViTConfig
-from unicom.pretrained import REGISTRY, RELEASE_URL, PretrainedModel
+from unicom._pretrained import REGISTRY, RELEASE_URL, PretrainedModel
 
 sys.path.insert(0, str(Path(__file__).parent))
 from http_server import FileServer  # noqa: E402

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_utils import run_in_processes
-from unicom.distributed import shard_range
+from unicom._distributed import shard_range
 from unicom.losses import CombinedMarginLoss, PartialFC
 
 MARGINS = {

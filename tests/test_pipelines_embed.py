@@ -17,7 +17,7 @@ from published_vit import PublishedViT  # noqa: E402
 
 import unicom  # noqa: E402
 from unicom.data import ImageDataset, sharded_loader  # noqa: E402
-from unicom.data.pipelines import LOADER_BATCH, embedding_loader  # noqa: E402
+from unicom.data._pipelines import LOADER_BATCH, embedding_loader  # noqa: E402
 from unicom.evaluate import embed_loader  # noqa: E402
 from unicom.transforms import eval_transform  # noqa: E402
 from unicom.transforms import test_transform as finetune_test_transform  # noqa: E402  (not a test)

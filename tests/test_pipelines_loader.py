@@ -1,4 +1,4 @@
-"""The pipelines through their loaders (``unicom.data.pipelines``: the registry, ``exact`` and
+"""The pipelines through their loaders (``unicom.data._pipelines``: the registry, ``exact`` and
 ``device-resize``, ``pipeline_loader`` and ``embedding_loader``) against the published float
 transform: the very float tensors, from real JPEG and PNG files loaded by real DataLoader
 worker processes."""
@@ -27,7 +27,7 @@ from pipeline_files import (  # noqa: E402, F401
 )
 
 from unicom.data import BadImageError, ImageDataset, sharded_loader  # noqa: E402
-from unicom.data.pipelines import (  # noqa: E402
+from unicom.data._pipelines import (  # noqa: E402
     DECODE_CHOICES,
     PIPELINES,
     embedding_loader,
@@ -104,7 +104,7 @@ def test_pipeline_recognises_only_the_published_transforms():
 
 def test_device_side_resizing_on_a_cpu_warns(files, caplog):
     dataset = ImageDataset(files, list(range(len(files))), eval_transform(32))
-    with caplog.at_level("WARNING", logger="unicom.data.pipelines"):
+    with caplog.at_level("WARNING", logger="unicom.data._pipelines"):
         embedding_loader(dataset, "auto", 4, 0, CPU)
         embedding_loader(dataset, "exact", 4, 0, CPU)
         assert "slower" not in caplog.text
@@ -114,7 +114,7 @@ def test_device_side_resizing_on_a_cpu_warns(files, caplog):
 
 def test_embedding_loader_falls_back_for_other_transforms(files, caplog):
     dataset = ImageDataset(files[:2], [0, 1], train_transform(32, "timm"))
-    with caplog.at_level("WARNING", logger="unicom.data.pipelines"):
+    with caplog.at_level("WARNING", logger="unicom.data._pipelines"):
         loader, preprocess = embedding_loader(dataset, "device-resize", 2, 0, CPU)
     assert preprocess is None and "decode=device-resize needs the eval transform" in caplog.text
     (x, *_), = list(loader)

@@ -1,4 +1,4 @@
-"""uint8 crops normalised on the device (``unicom.data.pipelines.normalize``) against the
+"""uint8 crops normalised on the device (``unicom.data._pipelines.normalize``) against the
 published float transform: the very float tensors, on real photographs of every PIL mode."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from pipeline_files import as_mode, crops, photos_fixture  # noqa: E402, F401
 
-from unicom.data.pipelines import eval_transform_uint8, normalization_table, normalize_on_device  # noqa: E402
+from unicom.data._pipelines import eval_transform_uint8, normalization_table, normalize_on_device  # noqa: E402
 from unicom.transforms import MEAN, STD, eval_transform  # noqa: E402
 from unicom.transforms import test_transform as finetune_test_transform  # noqa: E402  (not a test)
 

@@ -1,4 +1,4 @@
-"""Pillow's bicubic resize replayed on tensors (``unicom.data.pipelines.resample``): bit-identical
+"""Pillow's bicubic resize replayed on tensors (``unicom.data._pipelines.resample``): bit-identical
 to Pillow on real photographs of many sizes, both of Pillow's pass orders."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from pipeline_files import CPU, crops, photos_fixture  # noqa: E402, F401
 
-from unicom.data.pipelines import eval_transform_uint8, pillow_resize_crop, resized_size  # noqa: E402
-from unicom.data.pipelines.resample import pass_order, resize_group  # noqa: E402
+from unicom.data._pipelines import eval_transform_uint8, pillow_resize_crop, resized_size  # noqa: E402
+from unicom.data._pipelines.resample import pass_order, resize_group  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

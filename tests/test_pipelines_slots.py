@@ -1,4 +1,4 @@
-"""The shared-memory slot ring (``unicom.data.pipelines.slots``) and the pipelines' use of it:
+"""The shared-memory slot ring (``unicom.data._pipelines.slots``) and the pipelines' use of it:
 worker processes write batches into reused slots, with the same pixels, order and indices
 as batches in fresh memory."""
 
@@ -20,7 +20,7 @@ import synthetic_datasets as synth  # noqa: E402
 from pipeline_files import CPU, files_fixture, loader_batches, photos_fixture, uint8_batch  # noqa: E402, F401
 
 from unicom.data import ImageDataset  # noqa: E402
-from unicom.data.pipelines import PIPELINES, make_pipeline, pipeline_loader, slots  # noqa: E402
+from unicom.data._pipelines import PIPELINES, make_pipeline, pipeline_loader, slots  # noqa: E402
 from unicom.transforms import eval_transform  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

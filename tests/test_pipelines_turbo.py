@@ -1,4 +1,4 @@
-"""``turbo`` (``unicom.data.pipelines.turbo``) and its TurboJPEG gate (``.jpeg``): PIL's pixels
+"""``turbo`` (``unicom.data._pipelines.turbo``) and its TurboJPEG gate (``.jpeg``): PIL's pixels
 where the two libjpeg-turbo builds agree, and PIL's verdict on every file it would refuse."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from pipeline_files import files_fixture, loader_batches, photos_fixture, uint8_batch  # noqa: E402, F401
 
 from unicom.data import BadImageError, ImageDataset  # noqa: E402
-from unicom.data.pipelines import jpeg, make_pipeline  # noqa: E402
+from unicom.data._pipelines import jpeg, make_pipeline  # noqa: E402
 from unicom.transforms import eval_transform, to_rgb  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -150,7 +150,7 @@ def test_turbo_decodes_with_pil_when_the_probe_disagrees(files, monkeypatch, cap
     monkeypatch.setattr(jpeg, "decode", lambda data, out=None: real(data) // 2)  # a build that disagrees
     jpeg.agrees_with_pil.cache_clear()
     try:
-        with caplog.at_level("WARNING", logger="unicom.data.pipelines.jpeg"):
+        with caplog.at_level("WARNING", logger="unicom.data._pipelines.jpeg"):
             assert not jpeg.agrees_with_pil()
         assert "decodes with PIL instead" in caplog.text
         assert not make_pipeline("turbo", n_px=48).agrees

@@ -24,9 +24,9 @@ from torchvision.transforms.functional import pil_to_tensor
 
 import unicom
 from unicom.data import load_retrieval_dataset
-from unicom.pretrain.dataset import PseudoLabels, PseudoLabelStream, ShardReader
-from unicom.pretrain.features import PixelSource, extract_features, load_features
-from unicom.pretrain.kmeans import save_clustering
+from unicom._pretrain.dataset import PseudoLabels, PseudoLabelStream, ShardReader
+from unicom._pretrain.features import PixelSource, extract_features, load_features
+from unicom._pretrain.kmeans import save_clustering
 from unicom.programs import cluster, pretrain, retrieval
 from unicom.programs.pretrain import _rebatch
 

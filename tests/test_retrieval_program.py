@@ -113,7 +113,7 @@ def assert_metrics_equal(record: dict, expected: dict) -> None:
 
 
 def _main_in_process(rank: int, world_size: int, argv: list[str]) -> dict | None:
-    """One torchrun-like process: main() joins the gloo group itself (unicom.distributed.setup)."""
+    """One torchrun-like process: main() joins the gloo group itself (unicom._distributed.setup)."""
     assert main(argv) == 0
     if rank != 0:
         return None
@@ -266,7 +266,7 @@ def test_unknown_model_lists_the_available_ones(tmp_path) -> None:
 
 
 def test_visualize_writes_a_grid_marking_right_and_wrong(cub, checkpoint, reference, tmp_path) -> None:
-    from unicom.visualize import BLUE, GREEN, RED
+    from unicom._visualize import BLUE, GREEN, RED
 
     run_eval(cub.root, checkpoint, tmp_path, "--visualize", "3", "--seed", "7")
     image = Image.open(tmp_path / "retrieval_examples.png").convert("RGB")

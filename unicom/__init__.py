@@ -15,18 +15,18 @@ __all__ = ["available_models", "load", "create_model", "download", "VisionTransf
 __version__ = "0.1.0"
 
 _HOMES = {
-    "available_models": ".pretrained",
-    "load": ".factory",
-    "create_model": ".factory",
-    "download": ".hub",
+    "available_models": "._pretrained",
+    "load": "._factory",
+    "create_model": "._factory",
+    "download": "._hub",
     "VisionTransformer": ".model",
 }
 
 if TYPE_CHECKING:
-    from .factory import create_model, load
-    from .hub import download
+    from ._factory import create_model, load
+    from ._hub import download
     from .model import VisionTransformer
-    from .pretrained import available_models
+    from ._pretrained import available_models
 
 
 def __getattr__(name: str):

@@ -85,7 +85,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _embed(args) -> int:
-    from . import distributed as dist
+    from . import _distributed as dist
     from .collection.embed import embed_collection
 
     device = dist.setup(args.device)

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from . import distributed as dist
+from . import _distributed as dist
 from ._utils import autocast_for, unwrap_model
-from .data.pipelines import embedding_loader
+from .data._pipelines import embedding_loader
 from .metrics import retrieval_metrics
 
 __all__ = ["Embeddings", "RetrievalResult", "embed_dataset", "embed_loader", "evaluate_retrieval",
@@ -70,7 +70,7 @@ def embed_loader(
     """Run ``model`` over a loader of ``(images, labels, indices, ok)`` batches on ``device``.
 
     ``preprocess(images, ok, device) -> (images, ok)`` turns a loader batch into model input on
-    ``device`` (e.g. :meth:`unicom.data.pipelines.InputPipeline.to_device`: uint8 pixels normalised
+    ``device`` (e.g. :meth:`unicom.data._pipelines.InputPipeline.to_device`: uint8 pixels normalised
     there); by default the images are moved as they are. Inputs are cast to the dtype of the
     model's weights (``load(..., precision="fp16")``). With ``batch_size``, loader batches
     (which may be smaller: many small batches keep every worker busy) are gathered on the

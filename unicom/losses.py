@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from unicom import distributed
+from unicom import _distributed as distributed
 
 __all__ = ["MARGIN_GRADIENTS", "CombinedMarginLoss", "PartialFC"]
 
@@ -151,7 +151,7 @@ class PartialFC(nn.Module):
     """Model-parallel margin softmax head (Partial FC) holding this process's class centres.
 
     The ``num_classes`` centres are split into contiguous blocks over the processes
-    (:func:`unicom.distributed.shard_range`); ``weight`` is this process's block,
+    (:func:`unicom._distributed.shard_range`); ``weight`` is this process's block,
     (num_local, embedding_size), and ``class_start`` its first global class. Build the
     module after the process group exists.
 

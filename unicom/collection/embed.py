@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .. import distributed as dist
+from .. import _distributed as dist
 from ..data.image import BadImageError
 from ..evaluate import embed_dataset
 from .sources import Item, SourceDataset, file_info, list_sources
@@ -57,14 +57,14 @@ class EmbedSummary:
 def model_identity(name_or_path: str) -> tuple[str, str]:
     """(model as the manifest records it, SHA256 of its checkpoint file): a registry name and its
     published hash, or a local file's absolute path and the hash of its bytes."""
-    from ..hub import _hash_file
-    from ..pretrained import REGISTRY
+    from .._hub import _hash_file
+    from .._pretrained import REGISTRY
 
     if name_or_path in REGISTRY:
         return name_or_path, REGISTRY[name_or_path].sha256
     path = os.path.abspath(os.path.expanduser(name_or_path))
     if not os.path.isfile(path):
-        from ..pretrained import unknown_model_message
+        from .._pretrained import unknown_model_message
 
         raise ValueError(unknown_model_message(name_or_path) + f" (no file exists at {path})")
     return path, _hash_file(path).hexdigest()

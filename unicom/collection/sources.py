@@ -21,7 +21,7 @@ from PIL import Image
 
 from ..data.folder import scan_files
 from ..data.image import ImageDataset, open_image_file
-from ..pretrain.webdataset import expand_braces
+from .._pretrain.webdataset import expand_braces
 
 __all__ = ["Item", "SourceDataset", "file_info", "list_sources", "read_item_bytes"]
 

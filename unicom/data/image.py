@@ -62,7 +62,7 @@ def open_image_file(path: str | os.PathLike) -> IO[bytes]:
 
 def jpeg_check_available() -> bool:
     """Whether damaged JPEG data can be detected here (it needs the simplejpeg package)."""
-    from .pipelines import jpeg
+    from ._pipelines import jpeg
 
     return jpeg.available()
 
@@ -76,7 +76,7 @@ def jpeg_damage(data: bytes) -> str | None:
     API (through simplejpeg) stops at them. The check decodes grayscale at 1/8 scale: the
     entropy-coded data, where the damage is found, is read in full either way.
     """
-    from .pipelines import jpeg
+    from ._pipelines import jpeg
 
     module = jpeg._module()
     if module is None or data[:3] != b"\xff\xd8\xff":
@@ -230,7 +230,7 @@ def check_jpegs(dataset: ImageDataset, strict: bool = False, threads: int | None
     :func:`jpeg_check_available`)."""
     import torch
 
-    from .. import distributed as dist
+    from .. import _distributed as dist
 
     if not jpeg_check_available():
         return {}

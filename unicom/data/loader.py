@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data import default_collate
 
-from ..distributed import shard_range
+from .._distributed import shard_range
 
 __all__ = ["collate", "sharded_loader"]
 
@@ -47,7 +47,7 @@ def sharded_loader(
     world_size: int | None = None,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """Batches of the block :func:`unicom.distributed.shard_range` gives this rank, in order.
+    """Batches of the block :func:`unicom._distributed.shard_range` gives this rank, in order.
 
     No shuffling, padding or dropped last batch: across ranks every item is loaded exactly
     once, and shards may differ in size by one. Items keep their index in ``dataset`` (the

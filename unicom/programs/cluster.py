@@ -8,7 +8,7 @@
 Writes labels.npy (N,) int64 in the order of load_features, centroids.npy (K, d) float32
 and stats.json (cluster sizes: empty, smallest, largest, imbalance; objective). With torchrun
 every process loads its block of the rows and the torch backend runs distributed Lloyd
-iterations (see unicom/pretrain/kmeans.py).
+iterations (see unicom/_pretrain/kmeans.py).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import time
 
 import torch
 
-from .. import distributed as dist
-from ..pretrain.features import load_features, read_manifest
-from ..pretrain.kmeans import BACKENDS, save_clustering, spherical_kmeans
+from .. import _distributed as dist
+from .._pretrain.features import load_features, read_manifest
+from .._pretrain.kmeans import BACKENDS, save_clustering, spherical_kmeans
 from .common import device_option, output_dir, positive_int, seed, setup_logging
 
 logger = logging.getLogger("unicom.cluster")

@@ -12,9 +12,9 @@ from typing import Callable
 
 import torch
 
-from .. import distributed as dist
+from .. import _distributed as dist
 from .._utils import PRECISIONS
-from ..data.pipelines import DECODE_CHOICES, jpeg, resolve_decode
+from ..data._pipelines import DECODE_CHOICES, jpeg, resolve_decode
 from ..losses import MARGIN_GRADIENTS, CombinedMarginLoss
 from ..transforms import test_transform, train_transform
 
@@ -272,7 +272,7 @@ def settings(args) -> dict:
 
 
 def trainer_options(args, device: torch.device) -> dict:
-    """The keywords of :func:`unicom.training.build_trainer` that the training flags set."""
+    """The keywords of :func:`unicom._training.build_trainer` that the training flags set."""
     margin = CombinedMarginLoss(args.margin_loss_s, args.margin_loss_m1, args.margin_loss_m2, args.margin_loss_m3,
                                 args.margin_gradient)
     return dict(margin=margin, device=device, output=args.output, batch_size=args.batch_size, lr=args.lr,
@@ -300,7 +300,7 @@ def run_cli(main) -> int:
     still raises, for callers and tests. Set ``UNICOM_TRACEBACK=1`` to see the traceback."""
     from ..checkpoint import CheckpointError
     from ..data import BadImageError
-    from ..hub import DownloadError
+    from .._hub import DownloadError
 
     # ValueError: unknown model or dataset names and invalid option values.
     user_errors = (DownloadError, CheckpointError, BadImageError, FileNotFoundError, IsADirectoryError,

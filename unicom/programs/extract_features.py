@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .. import distributed as dist
-from ..pretrain.features import FUSIONS, available_sources, build_source, extract_features
+from .. import _distributed as dist
+from .._pretrain.features import FUSIONS, available_sources, build_source, extract_features
 from .common import (PRECISION_CHOICES, device_option, non_negative_int, output_dir, positive_int, resolve_precision,
                      setup_logging)
 

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from .. import distributed as dist
+from .. import _distributed as dist
 from .._utils import write_json
 from ..data import load_image_folder
 from ..evaluate import Embeddings, embed_dataset
-from ..factory import load
+from .._factory import load
 from ..metrics import knn_topk, knn_vote_accuracy, merge_topk
 from .common import (add_runtime_args, check_images, count_or_all, embedding_options, non_empty, non_negative_int,
                      output_dir, positive_float32, positive_int, runtime_record, seed, setup_logging)

@@ -7,7 +7,7 @@
     python pretrain.py --dataset digits --labels clusters/ --input-size 32 --patch-size 4 --dim 64 ...
 
 Input: webdataset tar shards or one folder of images (streamed, see
-unicom/pretrain/dataset.py), or the training split of a registered dataset (``--dataset``,
+unicom/_pretrain/dataset.py), or the training split of a registered dataset (``--dataset``,
 its true labels never read). Pseudo labels are looked up by sample key: ``--labels`` is the
 output of cluster.py (labels.npy, stats.json), and the keys come from the features folder it
 clustered (``--features``; default: the one recorded in stats.json).
@@ -39,16 +39,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .. import distributed as dist
+from .. import _distributed as dist
 from .._utils import write_json
 from ..checkpoint import save_model
 from ..data import load_retrieval_dataset
 from ..data.registry import available_datasets
 from ..evaluate import evaluate_retrieval
-from ..factory import create_model
+from .._factory import create_model
 from ..model import VisionTransformer
-from ..pretrain.dataset import InMemoryReader, PseudoLabels, PseudoLabelStream, ShardReader
-from ..training import SCHEDULES, build_trainer, seed_everything, train_epoch
+from .._pretrain.dataset import InMemoryReader, PseudoLabels, PseudoLabelStream, ShardReader
+from .._training import SCHEDULES, build_trainer, seed_everything, train_epoch
 from ..transforms import eval_transform
 from .common import (add_runtime_args, add_train_args, check_images, embedding_options, non_negative_int, output_dir,
                      positive_int, print_retrieval, seed, setup_logging,

@@ -6,7 +6,7 @@
 
 Fine-tuning (without ``--eval``): margin softmax with Partial FC on the train split, the
 test split evaluated after each epoch, checkpoints from which ``--resume auto`` continues a
-killed run exactly (see unicom/training.py, which holds the loop).
+killed run exactly (see unicom/_training.py, which holds the loop).
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ from pathlib import Path
 
 import torch
 
-from .. import distributed as dist
+from .. import _distributed as dist
 from .._utils import unwrap_model, write_json
 from ..checkpoint import save_model
 from ..data import load_retrieval_dataset
 from ..data.loader import collate
 from ..data.registry import available_datasets
 from ..evaluate import evaluate_retrieval
-from ..factory import load
-from ..training import build_trainer, seed_everything, train_epoch
+from .._factory import load
+from .._training import build_trainer, seed_everything, train_epoch
 from .common import (add_runtime_args, add_train_args, check_images, embedding_options, non_empty, non_negative_int,
                      output_dir, positive_int, seed,
                      print_retrieval, runtime_record, settings, setup_logging, train_transforms,
@@ -146,7 +146,7 @@ def evaluate(args, device: torch.device) -> int:
     if dist.is_main_process():
         write_json({**record, **damaged, **runtime_record(args, device)}, Path(args.output) / "results.json")
         if args.visualize:
-            from ..visualize import retrieval_grid
+            from .._visualize import retrieval_grid
 
             path = Path(args.output) / "retrieval_examples.png"
             retrieval_grid(result.query, result.gallery, data, args.visualize, path, seed=args.seed,

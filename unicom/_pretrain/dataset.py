@@ -1,8 +1,8 @@
 """Step 3 input: (image, pseudo label) pairs, streamed, for cluster discrimination pretraining.
 
-Pseudo labels come from the clustering step (:func:`unicom.pretrain.kmeans.save_clustering`):
+Pseudo labels come from the clustering step (:func:`unicom._pretrain.kmeans.save_clustering`):
 ``labels.npy`` holds one label per feature row, in the order of
-:func:`unicom.pretrain.features.load_features`, and the features folder holds the matching
+:func:`unicom._pretrain.features.load_features`, and the features folder holds the matching
 sample keys (``keys_<shard>.txt``, listed by its ``manifest.json``). :class:`PseudoLabels`
 joins the two: the label of a sample is looked up by its key. A negative label leaves the
 sample out (a way to drop samples after clustering); a sample whose key is not in the
@@ -42,7 +42,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .. import distributed as dist
+from .. import _distributed as dist
 from ..transforms import to_rgb
 from .features import read_manifest
 from .webdataset import Shard, iter_shard_samples, list_shards, shard_identity
@@ -134,7 +134,7 @@ class PseudoLabels:
     def labels_for(self, unit_name: str, identity: dict | None = None) -> dict[str, int]:
         """The key -> label table to read the unit ``unit_name`` with: its own shard's, else all.
 
-        ``identity`` (:func:`~unicom.pretrain.webdataset.shard_identity` of the unit, when known):
+        ``identity`` (:func:`~unicom._pretrain.webdataset.shard_identity` of the unit, when known):
         a folder's virtual shard cut otherwise than in the feature run (another
         ``folder_shard_size``) shares a name with a features shard but not its images, so it
         reads with all keys; a tar with another identity than the one whose features were made
@@ -260,7 +260,7 @@ class PseudoLabelStream(IterableDataset):
             ``labels_for(unit_name) -> Mapping[str, int]``).
         seed: with the pass's epoch and repeat, fixes the unit order and the shuffle buffer.
         shuffle_buffer: samples mixed at once per worker (1 or 0: no mixing within units).
-        rank, world_size: this process's place (default: from :mod:`unicom.distributed`).
+        rank, world_size: this process's place (default: from :mod:`unicom._distributed`).
     """
 
     def __init__(self, reader, labels, seed: int = 0, shuffle_buffer: int = 1000,

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from . import distributed as dist
+from . import _distributed as dist
 from ._utils import atomic_write, autocast_for, unwrap_model
 from .checkpoint import atomic_save
 from .losses import CombinedMarginLoss, PartialFC

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision import transforms as T
 from tqdm import tqdm
 
-from .. import distributed as dist
+from .. import _distributed as dist
 from .._utils import atomic_write, autocast_for
 from ..transforms import to_rgb
 from .webdataset import Shard, iter_shard_samples, list_shards, shard_identity
@@ -148,7 +148,7 @@ class UnicomSource(FeatureSource):
     name = "unicom"
 
     def __init__(self, model_name: str = "ViT-B/32", device: str | torch.device | None = None) -> None:
-        from ..factory import load
+        from .._factory import load
 
         self.model_name = str(model_name)
         self.model, self.image_transform = load(model_name, device=device)
@@ -547,7 +547,7 @@ def load_features(
     """The features (N, d) float16 and their keys, in shard (input) order.
 
     ``rows`` selects a contiguous block of the N rows (e.g. this process's
-    :func:`unicom.distributed.shard_range`), read through memory maps so only that block is
+    :func:`unicom._distributed.shard_range`), read through memory maps so only that block is
     loaded. ``with_keys=False`` skips reading the keys (returns None for them).
     """
     output_dir = Path(output_dir)

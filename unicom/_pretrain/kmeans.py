@@ -49,7 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import distributed as dist
+from .. import _distributed as dist
 from .._utils import atomic_write, write_json
 
 __all__ = [

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ...distributed import shard_range
+from ..._distributed import shard_range
 from ..image import ImageDataset
 from ..loader import sharded_loader
 from . import batches, slots

@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-from .hub import RELEASE_PREFIX as RELEASE_URL  # the one definition; hub imports no torch
+from ._hub import RELEASE_PREFIX as RELEASE_URL  # the one definition; hub imports no torch
 from .model import ViTConfig
 
 __all__ = ["PretrainedModel", "REGISTRY", "available_models", "get_pretrained"]

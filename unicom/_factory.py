@@ -11,7 +11,7 @@ import torch
 from ._utils import PRECISIONS
 from .checkpoint import CheckpointError, config_from_state_dict, mismatch, read_checkpoint
 from .model import ViTConfig, VisionTransformer
-from .pretrained import REGISTRY, get_pretrained, unknown_model_message
+from ._pretrained import REGISTRY, get_pretrained, unknown_model_message
 from .transforms import eval_transform
 
 __all__ = ["create_model", "load", "PRECISIONS"]
@@ -44,7 +44,7 @@ def _weights_file(
 ) -> tuple[Path, ViTConfig | None]:
     """The local file to load and, for a registry name, its known architecture."""
     if isinstance(name_or_path, str) and name_or_path in REGISTRY:
-        from .hub import download  # the only network code
+        from ._hub import download  # the only network code
 
         entry = REGISTRY[name_or_path]
         return Path(download(entry.url, entry.sha256, root=download_root)), entry.config
