@@ -63,3 +63,16 @@ def checkpoint(tmp_path_factory) -> str:
 
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def served_collection(tmp_path_factory, checkpoint):
+    """(collection, server): a small real collection and `unicom serve` over it as it would be
+    deployed (a token, two worker processes), shared by tests/test_serve_*.py."""
+    from serve_collection import build_collection
+    from serve_server import TOKEN, ServeProcess
+
+    small = build_collection(tmp_path_factory.mktemp("served"), checkpoint)
+    with ServeProcess(small.path, "--token", TOKEN, "--workers", "2", "--max-upload-mb", "1", "--max-k", "50",
+                      log=tmp_path_factory.mktemp("log") / "serve.log") as server:
+        yield small, server

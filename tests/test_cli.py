@@ -109,3 +109,51 @@ def test_library_checks_behind_those_flags():
         PixelSource(size=0)
     with pytest.raises(ValueError, match="batch_size"):
         extract_features(PixelSource(size=2), "nowhere", "nowhere", batch_size=0)
+
+
+def test_unicom_command_embeds_and_searches_as_json(tmp_path, checkpoint):
+    """`python -m unicom` (the `unicom` console script) end to end: embed, then search --json."""
+    import json
+
+    from collection_images import altered, draw, write_folder
+
+    write_folder(tmp_path / "images", range(6))
+    altered(draw(2), "jpeg").save(tmp_path / "query.png")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "unicom"]
+    embed = subprocess.run([*base, "embed", str(tmp_path / "images"), "--output", str(tmp_path / "col"), "--model",
+                            checkpoint, "--device", "cpu", "--num-workers", "0"], capture_output=True, text=True,
+                           env=env, timeout=120, cwd=ROOT)
+    assert embed.returncode == 0 and "embedded 6, unchanged 0, skipped 0, deleted 0" in embed.stdout, embed.stderr
+    search = subprocess.run([*base, "search", str(tmp_path / "col"), str(tmp_path / "query.png"), "id:0", "-k", "2",
+                             "--json", "--device", "cpu"], capture_output=True, text=True, env=env, timeout=120,
+                            cwd=ROOT)
+    assert search.returncode == 0, search.stderr
+    lines = [json.loads(line) for line in search.stdout.splitlines()]
+    assert [line["query"] for line in lines] == [str(tmp_path / "query.png"), "id:0"]
+    assert lines[0]["results"][0]["image_path"].endswith("img_0002.png") and len(lines[0]["results"]) == 2
+    assert lines[1]["results"][0]["id"] == 0 and set(lines[1]["results"][0]) == {"id", "image_path", "score"}
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["search", "NOPE", "id:1"], "is not a collection: no manifest.json"),
+    (["embed", "NOPE/missing", "--output", "NOPE/col", "--model", "CHECKPOINT"], "not found: expected a folder"),
+    (["index", "NOPE"], "is not a collection"),
+])
+def test_unicom_bad_input_is_one_line(tmp_path, checkpoint, capsys, args, expected):
+    from unicom.cli import main
+
+    args = [a.replace("NOPE", str(tmp_path / "nope")).replace("CHECKPOINT", checkpoint) for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("args", [["dedup", "COL", "--threshold", "2"], ["index", "COL", "--memory", "lots"],
+                                  ["search", "COL", "id:1", "-k", "0"]])
+def test_unicom_bad_values_are_usage_errors(args, capsys):
+    from unicom.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2 and "error: argument" in capsys.readouterr().err
