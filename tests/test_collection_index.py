@@ -79,3 +79,25 @@ def test_incremental_add_and_remove_without_retraining(tmp_path):
     hits = collection.search(x[:10], 5)
     assert all(r["id"] >= 10 for row in hits for r in row)
     assert collection.search(x[2500], 1)[0][0]["id"] == 2500
+
+
+def test_a_collection_with_its_index_is_freed_without_the_garbage_collector(tmp_path):
+    """No reference cycle through the searcher: the faiss index goes when the collection does, not
+    at some later collection, which could run in a forked DataLoader worker and destroy the
+    parent's faiss objects there (it segfaulted the suite's next worker test)."""
+    import gc
+    import weakref
+
+    write_arrays(tmp_path, vectors(3000), part_size=1000)
+    build_index(Collection.open(tmp_path), kind="ivf", recall=0.9, k=10, on_disk=True)
+    gc.collect()
+    gc.disable()
+    try:
+        collection = Collection.open(tmp_path)
+        collection.search(vectors(3, seed=2), k=5)
+        assert collection.searcher().kind == "index"
+        freed = weakref.ref(collection)
+        del collection
+        assert freed() is None
+    finally:
+        gc.enable()

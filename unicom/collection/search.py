@@ -4,6 +4,7 @@ re-ranking the index's candidates with the stored float16 embeddings."""
 from __future__ import annotations
 
 import logging
+import weakref
 
 import numpy as np
 
@@ -35,7 +36,10 @@ class RerankSearcher:
     """An index's candidates (``factor * k`` of them), re-scored exactly with the stored embeddings."""
 
     def __init__(self, index, collection, factor: int) -> None:
-        self.index, self.collection, self.factor = index, collection, factor
+        # A weak reference: the collection owns its searcher, and a cycle would leave the faiss
+        # index to the garbage collector, whose run in a forked DataLoader worker then destroys
+        # the parent's faiss objects there (a segfault seen in the test suite).
+        self.index, self.collection, self.factor = index, weakref.proxy(collection), factor
         self.kind = "index"
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
