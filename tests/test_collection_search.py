@@ -4,6 +4,7 @@ them), against a float64 brute force over the stored float16 vectors written in 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from unicom.collection import Collection
 from unicom.collection.index import build_index
@@ -63,3 +64,11 @@ def test_deleted_rows_left_in_an_hnsw_index_are_never_answered(tmp_path):
     assert collection.searcher().kind == "index"
     # the deleted vectors themselves as queries: the index's best candidates are deleted rows
     check(collection, x, x[:DELETED], 5)
+
+
+def test_k_below_one_is_refused(tmp_path):
+    write_arrays(tmp_path, unit(10), part_size=10)
+    collection = Collection.open(tmp_path)
+    for k in (0, -1):
+        with pytest.raises(ValueError, match="k must be at least 1, got"):
+            collection.search(unit(1), k)
