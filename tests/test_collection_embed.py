@@ -141,6 +141,25 @@ def test_second_model_is_refused(base, images, tmp_path):
         embed([images], output, str(other))
 
 
+def test_a_checkpoint_changed_since_embedding_is_refused_for_queries(checkpoint, tmp_path, one_thread):
+    import torch
+
+    import unicom
+    from unicom.checkpoint import save_model
+    from unicom.collection import Collection
+
+    model = tmp_path / "tiny.pt"
+    shutil.copy(checkpoint, model)
+    query = write_folder(tmp_path / "few", range(3))[1]
+    embed([tmp_path / "few"], tmp_path / "col", str(model))
+    assert Collection.open(tmp_path / "col", device="cpu").search([query], 1)[0][0]["image_path"] == str(query)
+    torch.manual_seed(1)  # retrained in place: same path, other weights
+    save_model(unicom.VisionTransformer(input_size=32, patch_size=8, dim=64, embedding_size=32, depth=2,
+                                        num_heads=2), model)
+    with pytest.raises(ValueError, match="has changed since .* was embedded"):
+        Collection.open(tmp_path / "col", device="cpu").search([query], 1)
+
+
 def test_tar_source(images, checkpoint, tmp_path, one_thread):
     from unicom.collection import Collection
 

@@ -99,6 +99,19 @@ def test_skip_bad_gives_a_mask_and_zero_rows(model, files, reference, tmp_path) 
     torch.testing.assert_close(features[valid].double(), reference[:2], atol=1e-5, rtol=0)
 
 
+
+def test_skip_bad_overrides_an_image_datasets_own(model, files, reference, tmp_path) -> None:
+    net, transform = model
+    bad = str(synth.make_bad_images(tmp_path)["text"])
+    strict = ImageDataset([files[0], bad, files[1]], [0, 0, 0], transform, skip_bad_images=False)
+    features, valid = unicom.embed(net, strict, skip_bad=True, progress=False)
+    assert valid.tolist() == [True, False, True] and torch.count_nonzero(features[1]) == 0
+    torch.testing.assert_close(features[valid].double(), reference[:2], atol=1e-5, rtol=0)
+    lenient = ImageDataset([files[0], bad], [0, 0], transform, skip_bad_images=True)
+    with pytest.raises(BadImageError, match="cannot decode image"):
+        unicom.embed(net, lenient, progress=False)
+
+
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_an_undecodable_file_is_named(model, files, tmp_path, num_workers: int) -> None:
     bad = synth.make_bad_images(tmp_path)["text"]

@@ -98,6 +98,8 @@ def test_search_by_id_and_by_embedding(client, small, exact):
     above = client.post("/search", json={"id": item, "k": 7, "min_score": threshold}).json()["results"]
     assert above == [r for r in by_id if r["score"] >= threshold] and len(above) >= 4
     assert len(client.post("/search", json={"id": item}).json()["results"]) == min(20, len(ids))  # default k
+    most = client.post("/search", json={"id": item, "k": 50})  # --max-k 50 is allowed
+    assert most.status_code == 200 and len(most.json()["results"]) == min(50, len(ids))
 
 
 def test_concurrent_image_queries_get_their_own_answers(client, small):
@@ -198,7 +200,7 @@ def test_bad_searches_get_a_clear_json_error(client, request_args, status, words
 
 def test_a_body_without_length_is_cut_at_the_limit(client):
     def chunks():  # chunked transfer: no Content-Length to refuse it by, so the stream is counted
-        for _ in range(40):
+        for _ in range(17):  # 1 MB and one chunk: just over the limit
             yield b"y" * (64 << 10)
 
     response = client.post("/search", content=chunks(), headers={"content-type": "image/jpeg"})
