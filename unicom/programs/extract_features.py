@@ -16,8 +16,8 @@ import argparse
 import logging
 
 # Only the flags at import: --help and usage errors answer before torch loads (see .flags).
-from .flags import (FEATURE_SOURCES, FUSIONS, PRECISION_CHOICES, default_num_workers, device_option,
-                    non_negative_int, output_dir, parse, positive_int, program_parser)
+from .flags import (add_loader_args, FEATURE_SOURCES, FUSIONS, PRECISION_CHOICES, device_option,
+                    output_dir, parse, positive_int, program_parser)
 
 logger = logging.getLogger("unicom.extract_features")
 
@@ -45,11 +45,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="unicom source: a registered model name or a checkpoint path")
     p.add_argument("--pixel-size", "--pixel_size", dest="pixel_size", type=positive_int, default=16,
                    help="pixels source: images are resized to this square size (feature size 3*s*s)")
-    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=positive_int, default=256,
-                   help="images per forward pass")
-    p.add_argument("--num-workers", "--num_workers", dest="num_workers", type=non_negative_int,
-                   default=default_num_workers(), help="decoding processes per process (each reads whole shards; "
-                                                       "8, or the CPUs here if fewer)")
+    add_loader_args(p, 256, "images per forward pass", "decoding processes per process (each reads whole shards)")
     p.add_argument("--folder-shard-size", "--folder_shard_size", dest="folder_shard_size", type=int, default=10_000,
                    help="folder input: images per virtual shard (the unit of resuming)")
     p.add_argument("--device", default=None, type=device_option,

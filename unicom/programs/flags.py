@@ -219,6 +219,15 @@ def _decode_option(value: str) -> str:
     return value
 
 
+def add_loader_args(p: argparse.ArgumentParser, batch_size: int, batch_help: str, workers_help: str,
+                    most: int = 8) -> None:
+    """``--batch_size`` and ``--num_workers`` (``most``, or the CPUs here if fewer), in either spelling."""
+    p.add_argument("--batch_size", "--batch-size", dest="batch_size", type=positive_int, default=batch_size,
+                   help=batch_help)
+    p.add_argument("--num_workers", "--num-workers", dest="num_workers", type=non_negative_int,
+                   default=default_num_workers(most), help=f"{workers_help} ({most}, or the CPUs here if fewer)")
+
+
 def add_runtime_args(parser, compile: bool = True) -> None:
     """Flags every program shares: device, precision, data loading (and ``--compile`` and
     ``--precision int8`` for the programs that embed with a frozen model)."""

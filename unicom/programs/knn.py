@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 # Only the flags at import: --help and usage errors answer before torch loads (see .flags).
-from .flags import (add_runtime_args, count_or_all, default_num_workers, non_empty, non_negative_int, output_dir,
+from .flags import (add_loader_args, add_runtime_args, count_or_all, non_empty, output_dir,
                     parse, positive_float32, positive_int, program_parser, seed)
 
 if TYPE_CHECKING:
@@ -39,12 +39,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="numbers of neighbours to evaluate")
     p.add_argument("--temperature", type=positive_float32, default=0.07,
                    help="voting temperature T: weight exp(sim / T)")
-    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=positive_int, default=256)
+    add_loader_args(p, 256, "images per forward pass", "data loading processes per process", most=4)
     p.add_argument("--model-name", "--model_name", dest="model_name", default="ViT-B/32", type=non_empty,
                    help="a registered model name or a checkpoint path")
-    p.add_argument("--num-workers", "--num_workers", dest="num_workers", type=non_negative_int,
-                   default=default_num_workers(4), help="data loading processes per process (4, or the CPUs here "
-                                                        "if fewer)")
     p.add_argument("--output-dir", "--output_dir", dest="output_dir", default="output", type=output_dir)
     p.add_argument("--gather-on-cpu", "--gather_on_cpu", dest="gather_on_cpu", action="store_true",
                    help="keep the training features in host memory and stream them to the device in chunks")

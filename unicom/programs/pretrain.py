@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING
 
 # Only the flags at import: --help and usage errors answer before torch loads (see .flags);
 # each function below imports what it uses.
-from .flags import (DATASET_NAMES, SCHEDULES, add_runtime_args, add_train_args, default_num_workers,
-                    non_negative_int, output_dir, parse, positive_int, program_parser, seed)
+from .flags import (DATASET_NAMES, SCHEDULES, add_loader_args, add_runtime_args, add_train_args, output_dir, parse,
+                    program_parser, seed)
 
 if TYPE_CHECKING:
     import torch
@@ -82,11 +82,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--samples-per-epoch", "--samples_per_epoch", dest="samples_per_epoch", type=int, default=None,
                    help="samples in one epoch over all processes (default: the number of clustered samples)")
 
-    p.add_argument("--batch_size", "--batch-size", dest="batch_size", type=positive_int, default=128,
-                   help="images per process per micro-batch")
-    p.add_argument("--num_workers", "--num-workers", dest="num_workers", type=non_negative_int,
-                   default=default_num_workers(), help="data loading processes per process (8, or the CPUs here "
-                                                       "if fewer)")
+    add_loader_args(p, 128, "images per process per micro-batch", "data loading processes per process")
     p.add_argument("--num_feat", type=int, default=None,
                    help="Partial FC feature sampling: dimensions used per step (default: all)")
     p.add_argument("--lr-schedule", "--lr_schedule", dest="lr_schedule", default="onecycle",

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 # Only the flags at import: --help and usage errors answer before torch loads (see .flags);
 # each function below imports what it uses.
-from .flags import (DATASET_NAMES, add_runtime_args, add_train_args, default_num_workers, non_empty,
+from .flags import (add_loader_args, DATASET_NAMES, add_runtime_args, add_train_args, non_empty,
                     non_negative_int, output_dir, parse, positive_int, program_parser, seed)
 
 if TYPE_CHECKING:
@@ -41,11 +41,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "the folder of labelled images itself")
     p.add_argument("--model_name", "--model-name", dest="model_name", default="ViT-B/16", type=non_empty,
                    help="a registered model name or a checkpoint path (default: %(default)s, as published)")
-    p.add_argument("--batch_size", "--batch-size", dest="batch_size", type=positive_int, default=128,
-                   help="images per process per step")
-    p.add_argument("--num_workers", "--num-workers", dest="num_workers", type=non_negative_int,
-                   default=default_num_workers(), help="data loading processes per process (8, or the CPUs here "
-                                                       "if fewer)")
+    add_loader_args(p, 128, "images per process per step", "data loading processes per process")
     p.add_argument("--num_feat", type=positive_int, default=None,
                    help="use only the first num_feat embedding dimensions (as trained with feature sampling)")
     p.add_argument("--output", default="output", type=output_dir, help="folder for results.json (and checkpoints)")
