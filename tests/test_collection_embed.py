@@ -216,3 +216,25 @@ def test_sigkill_then_rerun_equals_one_run(images, checkpoint, tmp_path):
     a, b = snapshot(killed), snapshot(tmp_path / "whole")
     assert a[0] == b[0]
     np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_int8_embedding_is_recorded_and_close_to_fp32(images, checkpoint, tmp_path, caplog, one_thread):
+    """`unicom embed --precision int8` (CPUs): the manifest lists the precision, the vectors stay
+    within the int8 mode's cosine bound of fp32's, and adding rows with another precision is said."""
+    pytest.importorskip("onnxruntime")
+    from unicom.collection import Collection
+
+    fp32 = embed([images], tmp_path / "fp32", checkpoint)
+    int8 = embed([images], tmp_path / "int8", checkpoint, precision="int8")
+    assert int8.embedded == fp32.embedded
+    (ids_a, a), (ids_b, b) = [Collection.open(tmp_path / name).embeddings() for name in ("fp32", "int8")]
+    assert np.array_equal(ids_a, ids_b)
+    cosine = (a.astype(np.float64) * b.astype(np.float64)).sum(1)  # both stored L2-normalised
+    assert cosine.min() >= 0.998
+    assert json.loads((tmp_path / "int8" / "manifest.json").read_text())["precisions"] == ["int8"]
+    extra = tmp_path / "extra"
+    write_folder(extra, range(40, 42))
+    with caplog.at_level("WARNING"):
+        embed([images, extra], tmp_path / "int8", checkpoint)
+    assert json.loads((tmp_path / "int8" / "manifest.json").read_text())["precisions"] == ["int8", "fp32"]
+    assert "this run adds rows with fp32" in caplog.text

@@ -199,6 +199,13 @@ def embed_collection(sources: list[str], output: str | os.PathLike, model_name: 
     config = model.config
     if manifest is None:
         manifest = _new_manifest(model_id, sha256, config.embedding_size, config.input_size)
+    # int8 embeddings are within a cosine of about 0.999 of fp32 ones: a mix still searches, but say so
+    precisions = manifest.setdefault("precisions", [])
+    if precision not in precisions:
+        if precisions:
+            logger.warning("%s was embedded with precision %s; this run adds rows with %s", store.root,
+                           ", ".join(precisions), precision)
+        precisions.append(precision)
     plan = _plan(store, manifest, listing.items)
     summary = EmbedSummary(unchanged=plan.unchanged, deleted=plan.deleted, skipped=Counter(listing.left_out))
     if dist.is_main_process():
