@@ -90,19 +90,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 def _embed(args) -> int:
     from . import _distributed as dist
     from .collection.embed import embed_collection
-    from .programs.common import resolve_precision, setup_logging
+    from .programs.common import process_group, resolve_precision
 
-    device = dist.setup(args.device)
-    setup_logging()
-    try:
+    with process_group(args.device) as device:
         summary = embed_collection(args.sources, args.output, args.model, batch_size=args.batch_size,
                                    num_workers=args.num_workers, device=device,
                                    precision=resolve_precision(args.precision, device), decode=args.decode,
                                    part_size=args.part_size)
-    finally:
-        dist.cleanup()
-    if dist.is_main_process():
-        print("\n".join(summary.lines()), flush=True)
+        if dist.is_main_process():  # while the process group still says which rank this is
+            print("\n".join(summary.lines()), flush=True)
     return 0
 
 

@@ -53,11 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     from .. import _distributed as dist
     from .._pretrain.features import load_features, read_manifest
     from .._pretrain.kmeans import save_clustering, spherical_kmeans
-    from .common import setup_logging
+    from .common import process_group
 
-    device = dist.setup(args.device)
-    setup_logging()
-    try:
+    with process_group(args.device) as device:
         start = time.perf_counter()
         total = read_manifest(args.features)["num_samples"]
         rows = dist.shard_range(total)
@@ -84,5 +82,3 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
         dist.barrier()
         return 0
-    finally:
-        dist.cleanup()

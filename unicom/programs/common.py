@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import warnings
+from typing import Iterator
 
 import torch
 
@@ -34,6 +36,18 @@ def setup_logging() -> None:
 
 def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
     logging.getLogger("unicom").warning("%s", message)
+
+
+@contextlib.contextmanager
+def process_group(requested: str | None) -> Iterator[torch.device]:
+    """One run of a program: its device (``--device``), the process group when torchrun started
+    it (left again at the end, whatever happens), and logging."""
+    device = dist.setup(requested)
+    setup_logging()
+    try:
+        yield device
+    finally:
+        dist.cleanup()
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -59,11 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(get_args_parser(), argv)
     from .. import _distributed as dist
     from .._pretrain.features import build_source, extract_features
-    from .common import resolve_precision, setup_logging
+    from .common import resolve_precision, process_group
 
-    device = dist.setup(args.device)
-    setup_logging()
-    try:
+    with process_group(args.device) as device:
         options = {key: getattr(args, arg) for key, arg in SOURCE_OPTIONS[args.source].items()}
         if "pretrained" in options and str(options["pretrained"]).lower() in ("none", ""):
             options["pretrained"] = None
@@ -78,5 +76,3 @@ def main(argv: list[str] | None = None) -> int:
                   f"{manifest['num_bad']} undecodable skipped, {manifest['num_without_caption']} without caption "
                   f"-> {args.output}", flush=True)
         return 0
-    finally:
-        dist.cleanup()

@@ -183,11 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     from .. import _distributed as dist
     from .._utils import write_json
     from ..data import load_image_folder
-    from .common import check_images, load_for_embedding, runtime_record, setup_logging
+    from .common import check_images, load_for_embedding, runtime_record, process_group
 
-    device = dist.setup(args.device)
-    setup_logging()
-    try:
+    with process_group(args.device) as device:
         torch.manual_seed(args.seed)
         model, transform = load_for_embedding(args.model_name, device, args.precision, compile=args.compile)
         train_set = load_image_folder(args.train_dataset, transform, args.skip_bad_images)
@@ -219,5 +217,3 @@ def main(argv: list[str] | None = None) -> int:
             write_json(record, Path(args.output_dir) / "results_eval_knn.json")
         dist.barrier()
         return 0
-    finally:
-        dist.cleanup()

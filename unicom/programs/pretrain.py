@@ -287,12 +287,7 @@ def _record(args, labels: PseudoLabels, config, history: list[dict], world: int)
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(get_args_parser(), argv)
-    from .. import _distributed as dist
-    from .common import setup_logging
+    from .common import process_group
 
-    device = dist.setup(args.device)
-    setup_logging()
-    try:
+    with process_group(args.device) as device:
         return train(args, device)
-    finally:
-        dist.cleanup()

@@ -263,13 +263,10 @@ def train(args, device: torch.device) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from .. import _distributed as dist
     from .._utils import QUANTIZED_PRECISIONS
-    from .common import setup_logging
+    from .common import process_group
 
-    device = dist.setup(args.device)
-    setup_logging()
-    try:
+    with process_group(args.device) as device:
         if args.eval:
             return evaluate(args, device)
         if args.published:
@@ -280,5 +277,3 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--precision {args.precision} applies to --eval (embedding with a frozen model on "
                              "CPUs); fine-tuning runs in fp32, bf16 or fp16")
         return train(args, device)
-    finally:
-        dist.cleanup()
