@@ -8,7 +8,6 @@ in the same order.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import os
@@ -21,7 +20,7 @@ from PIL import Image
 
 from ..data.folder import scan_files
 from ..data.image import ImageDataset, open_image_file
-from .._pretrain.webdataset import expand_braces
+from .._pretrain.webdataset import expand_shard_pattern
 
 __all__ = ["Item", "SourceDataset", "file_info", "list_sources", "read_item_bytes"]
 
@@ -121,17 +120,7 @@ def _add_one(listing: Listing, source: str, from_list: bool = False) -> None:
 def list_sources(sources: Sequence[str | os.PathLike]) -> Listing:
     """The items of ``sources`` in order (a path seen twice is kept once), and what was left out."""
     listing = Listing()
-    expanded: dict[str, None] = {}  # in order, each once: two patterns may match one file
-    for source in sources:
-        for pattern in expand_braces(os.fspath(source)):
-            if glob.has_magic(pattern):
-                matches = sorted(glob.glob(pattern))
-                if not matches:
-                    raise FileNotFoundError(f"no file matches {pattern!r}")
-                expanded.update(dict.fromkeys(matches))
-            else:
-                expanded[pattern] = None
-    for path in expanded:
+    for path in dict.fromkeys(expand_shard_pattern(list(sources))):  # in order, each once
         _add_one(listing, path)
     unique: dict[str, Item] = {}
     for item in listing.items:
